@@ -1,0 +1,1 @@
+"""SQLite (WAL) metadata: namespaces, images, content records and labels, snapshots, leases."""

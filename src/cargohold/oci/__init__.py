@@ -1,0 +1,1 @@
+"""OCI data model: digests, descriptors, manifests, indexes, configs, media types, platforms, references."""
