@@ -1,0 +1,37 @@
+# cargohold: `make test` and `make demo` set up everything they need on a fresh Debian machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: all venv test demo bench lint proto clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	sh scripts/install-system-deps.sh test
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	sh scripts/install-system-deps.sh demo
+	$(BIN)/python -m cargohold.devtools.demo
+
+bench: $(STAMP)
+	sh scripts/install-system-deps.sh bench
+	$(BIN)/python -m cargohold.devtools.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

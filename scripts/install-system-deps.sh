@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs the Debian packages cargohold's tests, demo and benchmark need, when they are missing.
+#   scripts/install-system-deps.sh [test|demo|bench]
+set -eu
+what=${1:-test}
+need=""
+have() { command -v "$1" >/dev/null 2>&1; }
+have docker-registry || need="$need docker-registry"
+have htpasswd || need="$need apache2-utils"
+have mount || need="$need mount"
+if [ "$what" = bench ]; then
+  have ctr || need="$need containerd"
+  have skopeo || need="$need skopeo"
+  have umoci || need="$need umoci"
+fi
+[ -n "$need" ] || exit 0
+echo "installing Debian packages:$need" >&2
+if [ "$(id -u)" -eq 0 ]; then sudo=""; elif have sudo; then sudo="sudo"; else
+  echo "error: need root (or sudo) to apt-get install:$need" >&2; exit 1; fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -q >/dev/null
+# shellcheck disable=SC2086
+$sudo apt-get install -y -q --no-install-recommends $need >/dev/null

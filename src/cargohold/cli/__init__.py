@@ -1,0 +1,1 @@
+"""The ``cargohold`` command line."""

@@ -1,0 +1,332 @@
+"""``cargohold``: pull, inspect and manage images in a local content store."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from cargohold import __version__
+from cargohold.cli.output import eprint, emit_json, human_size, table
+from cargohold.cli.progress import ProgressRenderer
+from cargohold.client import Client, default_root
+from cargohold.errors import CargoholdError, InvalidArgumentError
+from cargohold.metadata.images import Image
+from cargohold.oci.digest import Digest
+from cargohold.remotes.auth import credentials_for
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+output_option = click.option(
+    "--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    help="json: machine-readable output on stdout (no progress).",
+)
+platform_options = [
+    click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
+                 help="Platform to use (repeatable). Default: the host's best match."),
+    click.option("--all-platforms", is_flag=True, help="Every platform of an index."),
+]
+
+
+def with_platforms(fn: F) -> F:
+    for opt in reversed(platform_options):
+        fn = opt(fn)
+    return fn
+
+
+class State:
+    def __init__(self, root: Path, namespace: str, hosts_dir: Path | None, plain_http: bool) -> None:
+        self.root = root
+        self.namespace = namespace
+        self.hosts_dir = hosts_dir
+        self.plain_http = plain_http
+
+    def client(self, *, user: str | None = None, on_event: Any = None, max_concurrent_downloads: int = 3
+               ) -> Client:
+        return Client(
+            self.root,
+            namespace=self.namespace,
+            hosts_dir=self.hosts_dir,
+            credentials=credentials_for(user),
+            plain_http=self.plain_http,
+            max_concurrent_downloads=max_concurrent_downloads,
+            on_event=on_event,
+        )
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cargohold")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar="CARGOHOLD_ROOT",
+              default=None, help="Data root (blobs + metadata). Default: $CARGOHOLD_ROOT, /var/lib/cargohold "
+              "as root, else ~/.local/share/cargohold.")
+@click.option("--namespace", "-n", default="default", show_default=True, envvar="CARGOHOLD_NAMESPACE",
+              help="Namespace of images and content.")
+@click.option("--hosts-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of containerd-style <host>/hosts.toml registry configs (mirrors, TLS, headers).")
+@click.option("--plain-http", is_flag=True, help="Talk plain HTTP to every registry (always on for localhost).")
+@click.option("--debug", is_flag=True, help="Log debug details (hosts tried, retries) to stderr.")
+@click.pass_context
+def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path | None, plain_http: bool,
+        debug: bool) -> None:
+    """cargohold: pull, unpack, export and import container images, without a daemon."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.obj = State(root or default_root(), namespace, hosts_dir, plain_http)
+
+
+# -- pull ----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("ref")
+@with_platforms
+@click.option("--user", "-u", metavar="USER[:PASSWORD]", help="Registry credentials (else ~/.docker/config.json).")
+@click.option("--max-concurrent-downloads", type=click.IntRange(1, 64), default=3, show_default=True)
+@click.option("--no-unpack", is_flag=True, help="Fetch content only; do not unpack layers.")
+@output_option
+@pass_state
+def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool, user: str | None,
+         max_concurrent_downloads: int, no_unpack: bool, output: str) -> None:
+    """Fetch an image and its blobs for the platform(s) into the content store."""
+    with ProgressRenderer(quiet=output == "json") as progress:
+        client = state.client(user=user, on_event=progress, max_concurrent_downloads=max_concurrent_downloads)
+        result = client.pull(ref, platforms=platforms, all_platforms=all_platforms)
+    if output == "json":
+        emit_json({
+            "name": result.image.name,
+            "digest": str(result.image.target.digest),
+            "media_type": result.image.target.media_type,
+            "manifests": [str(d.digest) for d in result.manifests],
+            "fetched": [str(d.digest) for d in result.fetched],
+            "present": [str(d.digest) for d in result.present],
+            "fetched_bytes": result.fetched_bytes,
+        })
+    else:
+        click.echo(f"{result.image.name}: {result.image.target.digest} "
+                   f"({len(result.fetched)} fetched, {human_size(result.fetched_bytes)}; "
+                   f"{len(result.present)} already present)")
+
+
+# -- images --------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def images() -> None:
+    """List, inspect, tag, remove and check images."""
+
+
+def _image_json(client: Client, image: Image) -> dict[str, Any]:
+    return {
+        "name": image.name,
+        "digest": str(image.target.digest),
+        "media_type": image.target.media_type,
+        "size": image.target.size,
+        "labels": dict(image.labels),
+        "created_at": image.created_at,
+        "updated_at": image.updated_at,
+    }
+
+
+@images.command("ls")
+@click.option("--quiet", "-q", is_flag=True, help="Names only.")
+@output_option
+@pass_state
+def images_ls(state: State, quiet: bool, output: str) -> None:
+    """List images."""
+    client = state.client()
+    imgs = client.list_images()
+    if output == "json":
+        emit_json([_image_json(client, i) for i in imgs])
+        return
+    if quiet:
+        for i in imgs:
+            click.echo(i.name)
+        return
+    rows = []
+    for i in imgs:
+        rows.append([i.name, _kind(i.target.media_type), str(i.target.digest)])
+    table(["REF", "TYPE", "DIGEST"], rows)
+
+
+def _kind(media_type: str) -> str:
+    if "index" in media_type or "list" in media_type:
+        return "index"
+    return "manifest"
+
+
+@images.command("inspect")
+@click.argument("name")
+@click.option("--platform", default=None, help="Platform of an index to show.")
+@output_option
+@pass_state
+def images_inspect(state: State, name: str, platform: str | None, output: str) -> None:
+    """Show an image: target, manifest for the platform, config, layers with diffIDs and chainIDs."""
+    client = state.client()
+    image = client.image(name)
+    resolved = client.resolve_manifest(name, platform)
+    info = _image_json(client, image)
+    info["manifest"] = {
+        "digest": str(resolved.descriptor.digest),
+        "media_type": resolved.manifest.media_type,
+        "platform": str(resolved.config.platform),
+        "config": {"digest": str(resolved.manifest.config.digest),
+                   "media_type": resolved.manifest.config.media_type},
+        "layers": [
+            {"digest": str(layer.digest), "media_type": layer.media_type, "size": layer.size,
+             "diff_id": str(diff_id), "chain_id": str(chain_id)}
+            for layer, diff_id, chain_id in zip(resolved.manifest.layers, resolved.diff_ids, resolved.chain_ids,
+                                                strict=True)
+        ],
+        "size": resolved.size,
+    }
+    if output == "json":
+        emit_json(info)
+        return
+    click.echo(f"name:      {image.name}")
+    click.echo(f"digest:    {image.target.digest} ({image.target.media_type})")
+    click.echo(f"manifest:  {resolved.descriptor.digest} ({resolved.config.platform})")
+    click.echo(f"config:    {resolved.manifest.config.digest} ({resolved.manifest.config.media_type})")
+    click.echo(f"size:      {human_size(resolved.size)}")
+    for i, layer in enumerate(info["manifest"]["layers"]):
+        click.echo(f"layer {i}:   {layer['digest']} {human_size(layer['size'])} {layer['media_type']}")
+        click.echo(f"  diff_id:  {layer['diff_id']}")
+        click.echo(f"  chain_id: {layer['chain_id']}")
+
+
+@images.command("tag")
+@click.argument("source")
+@click.argument("target", nargs=-1, required=True)
+@pass_state
+def images_tag(state: State, source: str, target: tuple[str, ...]) -> None:
+    """Give an image more names."""
+    client = state.client()
+    for t in target:
+        img = client.tag(source, t)
+        click.echo(img.name)
+
+
+@images.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@pass_state
+def images_rm(state: State, names: tuple[str, ...]) -> None:
+    """Remove image records (content stays until garbage collection)."""
+    client = state.client()
+    for n in names:
+        client.remove_image(n)
+        click.echo(n)
+
+
+@images.command("check")
+@click.argument("names", nargs=-1)
+@with_platforms
+@output_option
+@pass_state
+def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
+                 output: str) -> None:
+    """Say whether each image has every blob it needs; exit 1 when one is incomplete."""
+    client = state.client()
+    targets = list(names) or [i.name for i in client.list_images()]
+    results = []
+    for n in targets:
+        res = client.check(n, platforms=platforms, all_platforms=all_platforms)
+        results.append({
+            "name": client.image(n).name,
+            "status": "complete" if res.complete else "incomplete",
+            "required": len(res.required),
+            "missing": [str(d.digest) for d in res.missing],
+        })
+    if output == "json":
+        emit_json(results)
+    else:
+        table(["REF", "STATUS", "BLOBS", "MISSING"],
+              [[r["name"], r["status"], f"{r['required'] - len(r['missing'])}/{r['required']}",
+                ",".join(r["missing"]) or "-"] for r in results])
+    if any(r["status"] != "complete" for r in results):
+        sys.exit(1)
+
+
+# -- content -------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def content() -> None:
+    """List, read and remove blobs in the content store."""
+
+
+@content.command("ls")
+@output_option
+@pass_state
+def content_ls(state: State, output: str) -> None:
+    """List blobs with sizes and labels."""
+    client = state.client()
+    infos = sorted(client.content.walk(), key=lambda i: str(i.digest))
+    if output == "json":
+        emit_json([{"digest": str(i.digest), "size": i.size, "created_at": i.created_at,
+                    "updated_at": i.updated_at, "labels": dict(i.labels)} for i in infos])
+        return
+    table(["DIGEST", "SIZE", "LABELS"],
+          [[str(i.digest), human_size(i.size), ",".join(f"{k}={v}" for k, v in sorted(i.labels.items())) or "-"]
+           for i in infos])
+
+
+@content.command("get")
+@click.argument("digest")
+@pass_state
+def content_get(state: State, digest: str) -> None:
+    """Write a blob's bytes to stdout."""
+    client = state.client()
+    d = Digest.parse(digest)
+    out = sys.stdout.buffer
+    with client.content.open(d) as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            out.write(chunk)
+    out.flush()
+
+
+@content.command("rm")
+@click.argument("digests", nargs=-1, required=True)
+@pass_state
+def content_rm(state: State, digests: tuple[str, ...]) -> None:
+    """Remove blobs from this namespace."""
+    client = state.client()
+    for d in digests:
+        client.content.delete(Digest.parse(d))
+        click.echo(d)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        eprint("cargohold: interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        eprint("cargohold: interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except InvalidArgumentError as exc:
+        eprint(f"cargohold: error: {exc}")
+        sys.exit(2)
+    except CargoholdError as exc:
+        eprint(f"cargohold: error: {exc}")
+        sys.exit(1)
+    except BrokenPipeError:
+        sys.exit(141)
+
+
+if __name__ == "__main__":
+    main()

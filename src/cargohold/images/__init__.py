@@ -1,0 +1,1 @@
+"""Image graph handling: handler composition, platform filtering, dispatch, and the image model."""

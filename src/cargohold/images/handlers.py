@@ -1,0 +1,182 @@
+"""Handlers walk the descriptor graph, as containerd's images.Handler does.
+
+A handler takes a descriptor and returns the children to visit next. Decorators filter platforms, keep the
+best manifests, and set GC labels; ``dispatch`` walks the graph with bounded concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+from cargohold.content.store import ContentStore, Provider
+from cargohold.errors import UnsupportedMediaTypeError
+from cargohold.oci import mediatypes as mt
+from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.manifest import Index, Manifest, parse_manifest_or_index
+from cargohold.oci.platform import PlatformMatcher
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Descriptor], Sequence[Descriptor]]
+
+GC_REF_CONTENT = "containerd.io/gc.ref.content"
+
+
+class StopWalk(Exception):
+    """Raised by a handler to stop descending below a descriptor without failing the walk."""
+
+
+def read_manifest_or_index(provider: Provider, desc: Descriptor) -> Manifest | Index:
+    raw = provider.read_all(desc.digest)
+    return parse_manifest_or_index(raw, desc.media_type, where=f"{desc.media_type} {desc.digest}")
+
+
+def children(provider: Provider) -> Handler:
+    """Children of a descriptor read from the store: an index's manifests, a manifest's config and layers.
+
+    Configs and layers have no children. Any other media type is an error naming the descriptor.
+    """
+
+    def handle(desc: Descriptor) -> Sequence[Descriptor]:
+        if mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type):
+            doc = read_manifest_or_index(provider, desc)
+            if isinstance(doc, Index):
+                return list(doc.manifests)
+            return [doc.config, *doc.layers]
+        if desc.media_type in mt.SCHEMA1_TYPES:
+            raise UnsupportedMediaTypeError(
+                f"{desc.describe()}: Docker image manifest schema1 is not supported"
+            )
+        if mt.is_config(desc.media_type) or mt.is_layer(desc.media_type):
+            return []
+        raise UnsupportedMediaTypeError(f"unsupported media type {desc.media_type!r} of descriptor {desc.digest}")
+
+    return handle
+
+
+def manifest_children_labels(desc: Descriptor, kids: Sequence[Descriptor]) -> dict[str, str]:
+    """containerd's GC reference labels for a parent's children: ``.m.<i>``, ``.config``, ``.l.<i>``."""
+    labels: dict[str, str] = {}
+    if mt.is_index(desc.media_type):
+        for i, kid in enumerate(kids):
+            labels[f"{GC_REF_CONTENT}.m.{i}"] = str(kid.digest)
+    elif mt.is_manifest(desc.media_type):
+        layer = 0
+        for kid in kids:
+            if mt.is_config(kid.media_type) and f"{GC_REF_CONTENT}.config" not in labels:
+                labels[f"{GC_REF_CONTENT}.config"] = str(kid.digest)
+            else:
+                labels[f"{GC_REF_CONTENT}.l.{layer}"] = str(kid.digest)
+                layer += 1
+    return labels
+
+
+def set_children_labels(store: ContentStore, handler: Handler) -> Handler:
+    """After ``handler`` lists a parent's children, label the parent so GC keeps the children."""
+
+    def handle(desc: Descriptor) -> Sequence[Descriptor]:
+        kids = handler(desc)
+        labels = manifest_children_labels(desc, kids)
+        if labels:
+            store.update(desc.digest, dict(labels))
+        return kids
+
+    return handle
+
+
+def filter_platforms(handler: Handler, matcher: PlatformMatcher | None) -> Handler:
+    """Keep an index's children that match the platforms (those without a platform are kept)."""
+
+    def handle(desc: Descriptor) -> Sequence[Descriptor]:
+        kids = handler(desc)
+        if matcher is None or not mt.is_index(desc.media_type):
+            return kids
+        return [k for k in kids if k.platform is None or matcher.match(k.platform)]
+
+    return handle
+
+
+def limit_manifests(handler: Handler, matcher: PlatformMatcher, limit: int = 1) -> Handler:
+    """Of an index's manifests, keep the ``limit`` best platform matches (nested indexes pass through)."""
+
+    def handle(desc: Descriptor) -> Sequence[Descriptor]:
+        kids = handler(desc)
+        if not mt.is_index(desc.media_type):
+            return kids
+        ranked = []
+        others = []
+        for i, kid in enumerate(kids):
+            if mt.is_manifest(kid.media_type):
+                rank = matcher.rank(kid.platform)
+                if rank is not None:
+                    ranked.append((rank, i, kid))
+            else:
+                others.append(kid)
+        ranked.sort(key=lambda t: (t[0], t[1]))
+        return [k for _, _, k in ranked[:limit]] + others
+
+    return handle
+
+
+def compose(*handlers: Handler) -> Handler:
+    """Run handlers in order on each descriptor; children are the concatenation of what they return."""
+
+    def handle(desc: Descriptor) -> Sequence[Descriptor]:
+        out: list[Descriptor] = []
+        for h in handlers:
+            out.extend(h(desc))
+        return out
+
+    return handle
+
+
+def dispatch(handler: Handler, roots: Iterable[Descriptor], *, concurrency: int = 3) -> None:
+    """Walk the graph from ``roots``, calling ``handler`` on every descriptor, ``concurrency`` at a time.
+
+    A descriptor reached twice (shared layer, shared config) is handled once. The first error stops new
+    work from being scheduled, waits for what is running, and is raised.
+    """
+    seen: set[tuple[str, str]] = set()
+    seen_lock = threading.Lock()
+    errors: list[BaseException] = []
+    pending: set[Future[Sequence[Descriptor]]] = set()
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="dispatch") as pool:
+
+        def submit(descs: Iterable[Descriptor]) -> None:
+            for d in descs:
+                key = (str(d.digest), d.media_type)
+                with seen_lock:
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                pending.add(pool.submit(_run, handler, d))
+
+        submit(roots)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                pending.discard(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    errors.append(exc)
+                    continue
+                if not errors:
+                    submit(fut.result())
+            if errors:
+                for fut in pending:
+                    fut.cancel()
+                wait(pending)
+                pending.clear()
+    if errors:
+        raise errors[0]
+
+
+def _run(handler: Handler, desc: Descriptor) -> Sequence[Descriptor]:
+    try:
+        return handler(desc)
+    except StopWalk:
+        return []

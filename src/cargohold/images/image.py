@@ -1,0 +1,162 @@
+"""The image model over the content store: which manifest serves a platform, its config, diffIDs, chainIDs,
+and whether every blob the image needs is present."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cargohold.content.store import Provider
+from cargohold.errors import InvalidArgumentError, NotFoundError
+from cargohold.images.handlers import read_manifest_or_index
+from cargohold.oci import mediatypes as mt
+from cargohold.oci.config import ImageConfig, chain_ids
+from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.digest import Digest
+from cargohold.oci.manifest import Index, Manifest
+from cargohold.oci.platform import PlatformMatcher
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResolvedManifest:
+    """One platform's manifest of an image, with its parsed config."""
+
+    descriptor: Descriptor
+    manifest: Manifest
+    config: ImageConfig
+
+    @property
+    def diff_ids(self) -> tuple[Digest, ...]:
+        return self.config.diff_ids
+
+    @property
+    def chain_ids(self) -> list[Digest]:
+        return chain_ids(self.config.diff_ids)
+
+    @property
+    def size(self) -> int:
+        """Manifest + config + compressed layers, as ``ctr images ls`` reports."""
+        return self.descriptor.size + self.manifest.config.size + sum(layer.size for layer in self.manifest.layers)
+
+
+def manifest_for(provider: Provider, target: Descriptor, matcher: PlatformMatcher) -> Descriptor:
+    """The descriptor of the best manifest for ``matcher`` below ``target`` (itself when it is a manifest)."""
+    if mt.is_manifest(target.media_type):
+        return target
+    doc = read_manifest_or_index(provider, target)
+    if isinstance(doc, Manifest):
+        return target
+    return _best_in_index(provider, doc, matcher, target)
+
+
+def _best_in_index(provider: Provider, index: Index, matcher: PlatformMatcher, where: Descriptor) -> Descriptor:
+    candidates: list[tuple[int, int, Descriptor]] = []
+    for i, desc in enumerate(index.manifests):
+        if mt.is_index(desc.media_type):
+            try:
+                inner = manifest_for(provider, desc, matcher)
+            except NotFoundError:
+                continue
+            candidates.append((0, i, inner))
+            continue
+        if not mt.is_manifest(desc.media_type):
+            continue
+        rank = matcher.rank(desc.platform) if desc.platform is not None else None
+        if rank is not None:
+            candidates.append((rank, i, desc))
+    if not candidates:
+        available = ", ".join(str(d.platform) for d in index.manifests if d.platform is not None) or "none"
+        raise NotFoundError(
+            f"index {where.digest}: no manifest for platform {matcher} (available: {available})"
+        )
+    candidates.sort(key=lambda t: (t[0], t[1]))
+    return candidates[0][2]
+
+
+def resolve_manifest(provider: Provider, target: Descriptor, matcher: PlatformMatcher) -> ResolvedManifest:
+    """Read the platform's manifest and config. Configs of ``application/octet-stream`` parse as any other."""
+    desc = manifest_for(provider, target, matcher)
+    doc = read_manifest_or_index(provider, desc)
+    if not isinstance(doc, Manifest):
+        raise InvalidArgumentError(f"{desc.describe()}: expected a manifest, found an index")
+    config = read_config(provider, doc.config)
+    if len(config.diff_ids) != len(doc.layers):
+        raise InvalidArgumentError(
+            f"manifest {desc.digest}: {len(doc.layers)} layers but config {doc.config.digest} lists "
+            f"{len(config.diff_ids)} diff_ids"
+        )
+    return ResolvedManifest(descriptor=desc, manifest=doc, config=config)
+
+
+def read_config(provider: Provider, desc: Descriptor) -> ImageConfig:
+    if not mt.is_config(desc.media_type):
+        raise InvalidArgumentError(f"{desc.describe()}: media type is not an image config")
+    raw = provider.read_all(desc.digest)
+    return ImageConfig.parse(raw, where=f"config {desc.digest} ({desc.media_type})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckResult:
+    """What ``images check`` reports: required blobs, which are present, which are missing."""
+
+    complete: bool
+    required: tuple[Descriptor, ...]
+    missing: tuple[Descriptor, ...]
+    manifests: tuple[Descriptor, ...]
+
+
+def walk_required(provider: Provider, target: Descriptor, matcher: PlatformMatcher | None) -> CheckResult:
+    """Every blob the image needs for ``matcher`` (all platforms when None), and which are missing.
+
+    The target and an index's chosen manifests are required; an index's other platforms are not.
+    """
+    required: list[Descriptor] = []
+    missing: list[Descriptor] = []
+    manifests: list[Descriptor] = []
+    seen: set[Digest] = set()
+
+    def need(desc: Descriptor) -> bool:
+        if desc.digest in seen:
+            return False
+        seen.add(desc.digest)
+        required.append(desc)
+        if not provider_has(provider, desc.digest):
+            missing.append(desc)
+            return False
+        return True
+
+    def visit(desc: Descriptor) -> None:
+        if not need(desc):
+            return
+        if mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type):
+            doc = read_manifest_or_index(provider, desc)
+            if isinstance(doc, Index):
+                kids: Sequence[Descriptor] = doc.manifests
+                if matcher is not None:
+                    kids = [_best_in_index(provider, doc, matcher, desc)] if _has_match(doc, matcher) else []
+                for kid in kids:
+                    visit(kid)
+            else:
+                manifests.append(desc)
+                visit(doc.config)
+                for layer in doc.layers:
+                    visit(layer)
+
+    visit(target)
+    return CheckResult(complete=not missing, required=tuple(required), missing=tuple(missing),
+                       manifests=tuple(manifests))
+
+
+def _has_match(index: Index, matcher: PlatformMatcher) -> bool:
+    return any(mt.is_index(d.media_type) or matcher.match(d.platform) for d in index.manifests)
+
+
+def provider_has(provider: Provider, digest: Digest) -> bool:
+    exists = getattr(provider, "exists", None)
+    if exists is not None:
+        return bool(exists(digest))
+    try:
+        provider.reader_at(digest).close()
+    except NotFoundError:
+        return False
+    return True
