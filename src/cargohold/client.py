@@ -11,7 +11,14 @@ from pathlib import Path
 
 from cargohold.content.local import LocalStore
 from cargohold.content.namespaced import NamespacedStore
-from cargohold.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from cargohold.diff.apply import apply_layer
+from cargohold.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.handlers import (
     Handler,
@@ -22,7 +29,13 @@ from cargohold.images.handlers import (
     limit_manifests,
     set_children_labels,
 )
-from cargohold.images.image import CheckResult, ResolvedManifest, resolve_manifest, walk_required
+from cargohold.images.image import (
+    CheckResult,
+    ResolvedManifest,
+    manifest_for,
+    resolve_manifest,
+    walk_required,
+)
 from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB, utcnow
 from cargohold.metadata.images import Image, ImageStore
 from cargohold.oci import mediatypes as mt
@@ -32,6 +45,11 @@ from cargohold.oci.reference import Reference
 from cargohold.remotes.auth import CredentialStore
 from cargohold.remotes.fetch import fetch_blob
 from cargohold.remotes.resolver import Fetcher, Resolver
+from cargohold.snapshots import default_snapshotter_name, known_snapshotters, open_snapshotter
+from cargohold.snapshots.base import Kind, Mount, Snapshotter
+from cargohold.snapshots.mount import mount_all, unmount
+from cargohold.unpack.labels import cri_layer_labels
+from cargohold.unpack.unpacker import FetchFn, LayerLabelsFn, Unpacker, UnpackResult
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +72,7 @@ class PullResult:
     manifests: tuple[Descriptor, ...]
     fetched: tuple[Descriptor, ...]
     present: tuple[Descriptor, ...]
+    unpack: UnpackResult | None = None
 
     @property
     def fetched_bytes(self) -> int:
@@ -77,6 +96,7 @@ class Client:
         plain_http: bool = False,
         max_concurrent_downloads: int = 3,
         on_event: EventSink | None = None,
+        default_snapshotter: str | None = None,
     ) -> None:
         self.root = Path(root) if root is not None else default_root()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -92,6 +112,8 @@ class Client:
         self.content = NamespacedStore(self.local, self.db, namespace)
         self.images = ImageStore(self.db, namespace)
         self._resolver: Resolver | None = None
+        self._snapshotters: dict[str, Snapshotter] = {}
+        self._default_snapshotter = default_snapshotter
         self._lock = threading.Lock()
 
     # -- registry ------------------------------------------------------------------------------------------
@@ -114,41 +136,68 @@ class Client:
         *,
         platforms: Sequence[Platform | str] = (),
         all_platforms: bool = False,
+        unpack: bool = True,
+        snapshotter: str | None = None,
+        layer_labels: bool = False,
     ) -> PullResult:
-        """Resolve ``ref``, fetch the image's blobs for the platforms into the store, record the image.
+        """Resolve ``ref``, fetch the image's blobs for the platforms, unpack them, record the image.
 
-        Without ``platforms`` the host platform's best match is fetched; ``all_platforms`` fetches every one.
+        Without ``platforms`` the host platform's best match is fetched; ``all_platforms`` fetches every
+        one (only the best match for ``platforms``/the host is unpacked). With ``unpack`` (the default), layers
+        stream from the registry into the snapshotter as they arrive. ``layer_labels`` adds the CRI per-layer
+        target labels that remote snapshotters use.
         """
         reference = Reference.parse(ref)
         self.on_event(Event(action="resolve", status="running", item=str(reference)))
-        name, target = self.resolver.resolve(reference)
+        _, target = self.resolver.resolve(reference)
         self.on_event(Event(action="resolve", status="done", item=str(reference), message=str(target.digest)))
         fetcher = self.resolver.fetcher(reference)
         matcher = _matcher(platforms)
         fetched: list[Descriptor] = []
         present: list[Descriptor] = []
         manifests: list[Descriptor] = []
+        deferred: dict[Descriptor, list[Descriptor]] = {}
         record = threading.Lock()
         source = {f"{DISTRIBUTION_SOURCE}.{reference.domain}": reference.path}
 
-        def fetch(desc: Descriptor) -> Sequence[Descriptor]:
+        def fetch_one(desc: Descriptor) -> bool:
             was_fetched = self._fetch_one(fetcher, desc, source)
             with record:
                 (fetched if was_fetched else present).append(desc)
-                if mt.is_manifest(desc.media_type):
+            return was_fetched
+
+        def fetch(desc: Descriptor) -> Sequence[Descriptor]:
+            fetch_one(desc)
+            if mt.is_manifest(desc.media_type):
+                with record:
                     manifests.append(desc)
             return []
 
         walk: Handler = set_children_labels(self.content, children(self.content))
         if not all_platforms:
             walk = limit_manifests(filter_platforms(walk, matcher), matcher, 1)
+        if unpack:
+            walk = _defer_layers(walk, deferred, record)
         dispatch(compose(fetch, walk), [target], concurrency=self.max_concurrent_downloads)
+
+        unpack_result: UnpackResult | None = None
+        if unpack:
+            chosen = manifest_for(self.content, target, matcher)
+            rest = [layer for m, layers in deferred.items() if m.digest != chosen.digest for layer in layers]
+            if rest:
+                dispatch(lambda d: (fetch_one(d), [])[1], rest, concurrency=self.max_concurrent_downloads)
+            resolved = resolve_manifest(self.content, chosen, matcher)
+            unpack_result = self._unpacker(snapshotter, fetch_one).unpack(
+                resolved,
+                layer_labels=self._layer_labels_fn(str(reference), resolved) if layer_labels else None,
+            )
 
         image_name = str(reference)
         now = utcnow()
         image = self.images.put(Image(name=image_name, target=target, labels={}, created_at=now, updated_at=now))
         self.on_event(Event(action="pull", status="done", item=image_name, message=str(target.digest)))
-        return PullResult(image=image, manifests=tuple(manifests), fetched=tuple(fetched), present=tuple(present))
+        return PullResult(image=image, manifests=tuple(manifests), fetched=tuple(fetched), present=tuple(present),
+                          unpack=unpack_result)
 
     def _fetch_one(self, fetcher: Fetcher, desc: Descriptor, source: dict[str, str]) -> bool:
         """Fetch one blob unless present; label it with its distribution source. True when fetched."""
@@ -191,6 +240,146 @@ class Client:
         if update:
             self.content.update(desc.digest, update)
 
+    # -- snapshotters and unpack ------------------------------------------------------------------------
+
+    def snapshotter(self, name: str | None = None) -> Snapshotter:
+        """The named snapshotter of this root (``native``, ``overlayfs``), or the default one."""
+        name = name or self.default_snapshotter
+        with self._lock:
+            sn = self._snapshotters.get(name)
+            if sn is None:
+                sn = open_snapshotter(name, self.root, self.db, self.namespace)
+                self._snapshotters[name] = sn
+            return sn
+
+    @property
+    def default_snapshotter(self) -> str:
+        return self._default_snapshotter or default_snapshotter_name(self.root)
+
+    def _unpacker(self, snapshotter: str | None, fetch: FetchFn | None) -> Unpacker:
+        return Unpacker(
+            content=self.content,
+            snapshotter=self.snapshotter(snapshotter),
+            locks_dir=self.root / "unpack" / "locks",
+            fetch=fetch,
+            concurrency=self.max_concurrent_downloads,
+            on_event=self.on_event,
+        )
+
+    def _layer_labels_fn(self, image_ref: str, resolved: ResolvedManifest) -> LayerLabelsFn:
+        layers = resolved.manifest.layers
+        manifest_digest = str(resolved.descriptor.digest)
+        return lambda i: cri_layer_labels(image_ref, manifest_digest, layers, i)
+
+    def unpack(
+        self,
+        name: str,
+        *,
+        snapshotter: str | None = None,
+        platform: Platform | str | None = None,
+        layer_labels: bool = False,
+        fetch_missing: bool = True,
+    ) -> UnpackResult:
+        """Unpack an image already in the store into a snapshotter.
+
+        Blobs missing from the store are fetched from the image's registry when ``fetch_missing`` and the
+        image's name is a registry reference; otherwise a missing blob is an error that names it.
+        """
+        image = self.image(name)
+        matcher = _matcher([platform] if platform else [])
+        resolved = resolve_manifest(self.content, image.target, matcher)
+        fetch: FetchFn | None = None
+        if fetch_missing:
+            fetch = self._registry_fetch_fn(image.name)
+        return self._unpacker(snapshotter, fetch).unpack(
+            resolved, layer_labels=self._layer_labels_fn(image.name, resolved) if layer_labels else None
+        )
+
+    def _registry_fetch_fn(self, image_name: str) -> FetchFn | None:
+        try:
+            reference = Reference.parse(image_name)
+        except InvalidArgumentError:
+            return None
+        source = {f"{DISTRIBUTION_SOURCE}.{reference.domain}": reference.path}
+        fetcher: list[Fetcher] = []
+
+        def fetch(desc: Descriptor) -> bool:
+            if not fetcher:
+                fetcher.append(self.resolver.fetcher(reference))
+            return self._fetch_one(fetcher[0], desc, source)
+
+        return fetch
+
+    def unpacked(self, name: str, snapshotter: str | None = None, platform: Platform | str | None = None) -> bool:
+        """Whether the image's top layer snapshot exists in the snapshotter."""
+        try:
+            resolved = self.resolve_manifest(name, platform)
+        except NotFoundError:
+            return False
+        if not resolved.chain_ids:
+            return False
+        try:
+            info = self.snapshotter(snapshotter).stat(str(resolved.chain_ids[-1]))
+        except NotFoundError:
+            return False
+        return info.kind == Kind.COMMITTED
+
+    def rootfs(self, name: str, target: Path | str, *, platform: Platform | str | None = None) -> Path:
+        """Write the image's flattened filesystem (whiteouts applied) into a plain, empty directory."""
+        dest = Path(target)
+        if dest.exists() and any(dest.iterdir()):
+            raise FailedPreconditionError(f"{dest}: directory is not empty")
+        resolved = self.resolve_manifest(name, platform)
+        missing = [layer for layer in resolved.manifest.layers if not self.content.exists(layer.digest)]
+        if missing:
+            raise FailedPreconditionError(
+                f"image {name}: missing blobs: {', '.join(str(layer.digest) for layer in missing)}"
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        for layer, diff_id in zip(resolved.manifest.layers, resolved.diff_ids, strict=True):
+            self.on_event(Event(action="apply", status="running", item=str(layer.digest),
+                                media_type=layer.media_type, total=layer.size))
+            with self.content.open(layer.digest) as stream:
+                apply_layer(dest, stream, expected_digest=layer.digest, expected_diff_id=diff_id)
+            self.on_event(Event(action="apply", status="done", item=str(layer.digest),
+                                media_type=layer.media_type, current=layer.size, total=layer.size))
+        return dest
+
+    def mount(self, name: str, target: Path | str, *, snapshotter: str | None = None,
+              platform: Platform | str | None = None, writable: bool = False) -> list[Mount]:
+        """Mount the image's root filesystem at ``target`` (read-only unless ``writable``), unpacking first
+        when needed. The snapshot is keyed by the mount point, so ``unmount(target)`` finds it."""
+        dest = Path(target).resolve()
+        if not dest.is_dir():
+            raise NotFoundError(f"mount point {dest}: not a directory")
+        sn = self.snapshotter(snapshotter)
+        if not self.unpacked(name, sn.name, platform):
+            self.unpack(name, snapshotter=sn.name, platform=platform)
+        resolved = self.resolve_manifest(name, platform)
+        key = _mount_key(dest)
+        parent = str(resolved.chain_ids[-1])
+        labels = {MOUNT_LABEL: str(dest)}
+        mounts = sn.prepare(key, parent, labels) if writable else sn.view(key, parent, labels)
+        try:
+            mount_all(mounts, dest)
+        except BaseException:
+            sn.remove(key)
+            raise
+        return mounts
+
+    def unmount(self, target: Path | str) -> None:
+        """Unmount what ``mount`` mounted at ``target`` and remove its snapshot."""
+        dest = Path(target).resolve()
+        key = _mount_key(dest)
+        unmount(dest)
+        for name in known_snapshotters():
+            try:
+                sn = self.snapshotter(name)
+                sn.stat(key)
+            except (NotFoundError, FailedPreconditionError, UnavailableError):
+                continue
+            sn.remove(key)
+
     # -- images ----------------------------------------------------------------------------------------------
 
     def image(self, name: str) -> Image:
@@ -221,6 +410,28 @@ class Client:
         self.db.close()
 
 
+
+
+MOUNT_LABEL = "cargohold.io/mount-point"
+
+
+def _mount_key(path: Path) -> str:
+    return f"mount:{path}"
+
+
+def _defer_layers(handler: Handler, deferred: dict[Descriptor, list[Descriptor]], lock: threading.Lock) -> Handler:
+    """Keep manifests' layers out of the walk (the unpacker streams them) and note them by manifest."""
+
+    def handle(desc: Descriptor) -> Sequence[Descriptor]:
+        kids = handler(desc)
+        if not mt.is_manifest(desc.media_type):
+            return kids
+        layers = [k for k in kids if mt.is_layer(k.media_type)]
+        with lock:
+            deferred[desc] = layers
+        return [k for k in kids if not mt.is_layer(k.media_type)]
+
+    return handle
 
 
 def _matcher(platforms: Sequence[Platform | str | None]) -> PlatformMatcher:

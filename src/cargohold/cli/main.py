@@ -14,10 +14,14 @@ from cargohold import __version__
 from cargohold.cli.output import eprint, emit_json, human_size, table
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client, default_root
+from cargohold.snapshots import available_snapshotters
+from cargohold.snapshots.base import Info as SnapshotInfo
+from cargohold.snapshots.base import Snapshotter
 from cargohold.errors import CargoholdError, InvalidArgumentError
 from cargohold.metadata.images import Image
 from cargohold.oci.digest import Digest
 from cargohold.remotes.auth import credentials_for
+from cargohold.unpack.unpacker import UnpackResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,16 +94,21 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
 @click.option("--user", "-u", metavar="USER[:PASSWORD]", help="Registry credentials (else ~/.docker/config.json).")
 @click.option("--max-concurrent-downloads", type=click.IntRange(1, 64), default=3, show_default=True)
 @click.option("--no-unpack", is_flag=True, help="Fetch content only; do not unpack layers.")
+@click.option("--snapshotter", default=None, help="Snapshotter to unpack into (overlayfs, native). "
+              "Default: overlayfs when the kernel supports it, else native.")
 @output_option
 @pass_state
 def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool, user: str | None,
-         max_concurrent_downloads: int, no_unpack: bool, output: str) -> None:
-    """Fetch an image and its blobs for the platform(s) into the content store."""
+         max_concurrent_downloads: int, no_unpack: bool, snapshotter: str | None, output: str) -> None:
+    """Fetch an image and its blobs for the platform(s), and unpack it into a snapshotter."""
     with ProgressRenderer(quiet=output == "json") as progress:
         client = state.client(user=user, on_event=progress, max_concurrent_downloads=max_concurrent_downloads)
-        result = client.pull(ref, platforms=platforms, all_platforms=all_platforms)
+        result = client.pull(ref, platforms=platforms, all_platforms=all_platforms, unpack=not no_unpack,
+                             snapshotter=snapshotter)
+    unpacked = result.unpack
     if output == "json":
         emit_json({
+            "unpack": None if unpacked is None else _unpack_json(unpacked),
             "name": result.image.name,
             "digest": str(result.image.target.digest),
             "media_type": result.image.target.media_type,
@@ -112,6 +121,76 @@ def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool
         click.echo(f"{result.image.name}: {result.image.target.digest} "
                    f"({len(result.fetched)} fetched, {human_size(result.fetched_bytes)}; "
                    f"{len(result.present)} already present)")
+        if unpacked is not None:
+            click.echo(f"unpacked into {unpacked.snapshotter}: {unpacked.chain_id} "
+                       f"({unpacked.unpacked} layers applied, {len(unpacked.layers) - unpacked.unpacked} reused)")
+
+
+def _unpack_json(result: UnpackResult) -> dict[str, Any]:
+    return {
+        "snapshotter": result.snapshotter,
+        "chain_id": str(result.chain_id),
+        "layers": [{"digest": str(o.digest), "chain_id": str(o.chain_id), "status": o.status,
+                    "fetched": o.fetched} for o in result.layers],
+    }
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--snapshotter", default=None, help="Snapshotter to unpack into.")
+@click.option("--platform", default=None, help="Platform of an index to unpack.")
+@click.option("--offline", is_flag=True, help="Never contact a registry; a missing blob is an error.")
+@output_option
+@pass_state
+def unpack(state: State, image: str, snapshotter: str | None, platform: str | None, offline: bool,
+           output: str) -> None:
+    """Unpack an image already in the store into a snapshotter (fetching missing blobs from its registry)."""
+    with ProgressRenderer(quiet=output == "json") as progress:
+        client = state.client(on_event=progress)
+        result = client.unpack(image, snapshotter=snapshotter, platform=platform, fetch_missing=not offline)
+    if output == "json":
+        emit_json(_unpack_json(result))
+    else:
+        click.echo(f"{client.image(image).name}: unpacked into {result.snapshotter}: {result.chain_id} "
+                   f"({result.unpacked} layers applied, {len(result.layers) - result.unpacked} reused, "
+                   f"{len(result.fetched)} blobs fetched)")
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--snapshotter", default=None)
+@click.option("--platform", default=None)
+@click.option("--rw", is_flag=True, help="Mount a writable snapshot instead of a read-only view.")
+@pass_state
+def mount(state: State, image: str, target: Path, snapshotter: str | None, platform: str | None, rw: bool
+          ) -> None:
+    """Mount an image's root filesystem at TARGET (read-only overlay or bind)."""
+    client = state.client()
+    client.mount(image, target, snapshotter=snapshotter, platform=platform, writable=rw)
+    click.echo(str(target))
+
+
+@cli.command()
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@pass_state
+def unmount(state: State, target: Path) -> None:
+    """Unmount a directory mounted by ``cargohold mount`` and remove its snapshot."""
+    state.client().unmount(target)
+    click.echo(str(target))
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--platform", default=None)
+@pass_state
+def rootfs(state: State, image: str, target: Path, platform: str | None) -> None:
+    """Write IMAGE's flattened filesystem (whiteouts applied) into the empty directory TARGET."""
+    with ProgressRenderer() as progress:
+        client = state.client(on_event=progress)
+        client.rootfs(image, target, platform=platform)
+    click.echo(str(target))
 
 
 # -- images --------------------------------------------------------------------------------------------------
@@ -236,20 +315,126 @@ def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...
     results = []
     for n in targets:
         res = client.check(n, platforms=platforms, all_platforms=all_platforms)
+        plat = platforms[0] if platforms else None
         results.append({
             "name": client.image(n).name,
             "status": "complete" if res.complete else "incomplete",
             "required": len(res.required),
             "missing": [str(d.digest) for d in res.missing],
+            "unpacked": {sn: client.unpacked(n, sn, plat) if res.complete or res.manifests else False
+                         for sn in available_snapshotters(client.root)},
         })
     if output == "json":
         emit_json(results)
     else:
-        table(["REF", "STATUS", "BLOBS", "MISSING"],
+        table(["REF", "STATUS", "BLOBS", "MISSING", "UNPACKED"],
               [[r["name"], r["status"], f"{r['required'] - len(r['missing'])}/{r['required']}",
-                ",".join(r["missing"]) or "-"] for r in results])
+                ",".join(r["missing"]) or "-",
+                ",".join(sn for sn, ok in r["unpacked"].items() if ok) or "-"] for r in results])
     if any(r["status"] != "complete" for r in results):
         sys.exit(1)
+
+
+# -- snapshots -----------------------------------------------------------------------------------------------
+
+
+@cli.group()
+@click.option("--snapshotter", default=None, help="Snapshotter (overlayfs, native). Default: the root's default.")
+@click.pass_context
+def snapshots(ctx: click.Context, snapshotter: str | None) -> None:
+    """Inspect and remove snapshots."""
+    ctx.meta["snapshotter"] = snapshotter
+
+
+def _sn(ctx: click.Context, state: State) -> tuple[Client, Snapshotter]:
+    client = state.client()
+    return client, client.snapshotter(ctx.meta.get("snapshotter"))
+
+
+def _info_json(info: SnapshotInfo) -> dict[str, Any]:
+    return {"key": info.key, "parent": info.parent, "kind": info.kind.value, "labels": dict(info.labels),
+            "created_at": info.created_at, "updated_at": info.updated_at}
+
+
+@snapshots.command("ls")
+@click.argument("filters", nargs=-1)
+@output_option
+@pass_state
+@click.pass_context
+def snapshots_ls(ctx: click.Context, state: State, filters: tuple[str, ...], output: str) -> None:
+    """List snapshots (optionally filtered, containerd syntax: labels."KEY"==VALUE, kind==committed)."""
+    _, sn = _sn(ctx, state)
+    infos = sorted(sn.walk(*filters), key=lambda i: i.key)
+    if output == "json":
+        emit_json([_info_json(i) for i in infos])
+        return
+    table(["KEY", "PARENT", "KIND"], [[i.key, i.parent or "-", i.kind.value] for i in infos])
+
+
+@snapshots.command("tree")
+@pass_state
+@click.pass_context
+def snapshots_tree(ctx: click.Context, state: State) -> None:
+    """Show snapshots as a tree of parents and children."""
+    _, sn = _sn(ctx, state)
+    infos = list(sn.walk())
+    kids: dict[str, list[str]] = {}
+    for i in infos:
+        kids.setdefault(i.parent, []).append(i.key)
+
+    def show(key: str, depth: int) -> None:
+        for k in sorted(kids.get(key, [])):
+            click.echo("  " * depth + ("\\_ " if depth else "") + k)
+            show(k, depth + 1)
+
+    show("", 0)
+
+
+@snapshots.command("rm")
+@click.argument("keys", nargs=-1, required=True)
+@pass_state
+@click.pass_context
+def snapshots_rm(ctx: click.Context, state: State, keys: tuple[str, ...]) -> None:
+    """Remove snapshots (leaves first)."""
+    _, sn = _sn(ctx, state)
+    for k in keys:
+        sn.remove(k)
+        click.echo(k)
+
+
+@snapshots.command("usage")
+@click.argument("keys", nargs=-1)
+@output_option
+@pass_state
+@click.pass_context
+def snapshots_usage(ctx: click.Context, state: State, keys: tuple[str, ...], output: str) -> None:
+    """Disk usage of snapshots (all when no KEY)."""
+    _, sn = _sn(ctx, state)
+    names = list(keys) or sorted(i.key for i in sn.walk())
+    rows = [(k, sn.usage(k)) for k in names]
+    if output == "json":
+        emit_json([{"key": k, "size": u.size, "inodes": u.inodes} for k, u in rows])
+        return
+    table(["KEY", "SIZE", "INODES"], [[k, human_size(u.size), u.inodes] for k, u in rows])
+
+
+@snapshots.command("mounts")
+@click.argument("key")
+@output_option
+@pass_state
+@click.pass_context
+def snapshots_mounts(ctx: click.Context, state: State, key: str, output: str) -> None:
+    """Print the mounts of an active snapshot or view (as mount(8) commands in table mode)."""
+    _, sn = _sn(ctx, state)
+    mounts = sn.mounts(key)
+    if output == "json":
+        emit_json([{"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)}
+                   for m in mounts])
+        return
+    for m in mounts:
+        opts = ",".join(m.options)
+        click.echo(f"mount -t {m.type} {m.source} <target>{'/' + m.target if m.target else ''}"
+                   + (f" -o {opts}" if opts else ""))
 
 
 # -- content -------------------------------------------------------------------------------------------------

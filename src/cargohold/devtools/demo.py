@@ -1,0 +1,88 @@
+"""``make demo``: a local registry on 127.0.0.1 with generated sample images, then cargohold's main job on it.
+
+Every step runs the real ``cargohold`` command line against an embedded default data root, and prints what it
+ran and what came out.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from cargohold.devtools import samples
+from cargohold.devtools.registry import start_registry
+from cargohold.oci import mediatypes as mt
+
+
+def _run(args: list[str], root: Path, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "cargohold.cli.main", "--root", str(root), *args]
+    shown = "cargohold --root " + shlex.quote(str(root)) + " " + " ".join(shlex.quote(a) for a in args)
+    print(f"\n$ {shown}", flush=True)
+    proc = subprocess.run(cmd, text=True, capture_output=True)
+    if proc.stdout:
+        print(proc.stdout.rstrip(), flush=True)
+    if proc.stderr:
+        print(proc.stderr.rstrip(), file=sys.stderr, flush=True)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"demo step failed (exit {proc.returncode}): {shown}")
+    return proc
+
+
+def seed(base_url: str) -> dict[str, str]:
+    """Push the sample images; returns name -> reference."""
+    host = base_url.split("://", 1)[1]
+    base = samples.small_base_layer()
+    app = samples.files_layer(samples.random_files(7, 200, prefix="srv/app"))
+    refs = {}
+    img = samples.build_image([base, app], compression="gzip", level=6)
+    samples.push(base_url, "demo/app", "v1", img)
+    refs["app"] = f"{host}/demo/app:v1"
+    # Same layers, compressed differently: the "missing blobs" case containerd users hit.
+    img_zstd = samples.build_image([base, app], compression="zstd")
+    samples.push(base_url, "demo/app-zstd", "v1", img_zstd)
+    refs["app-zstd"] = f"{host}/demo/app-zstd:v1"
+    multi = samples.build_index(
+        [samples.build_image([base, samples.files_layer({f"arch/{p}": p.encode()})], platform=p)
+         for p in ("linux/amd64", "linux/arm64", "linux/arm/v7")]
+    )
+    samples.push(base_url, "demo/multi", "v1", multi)
+    refs["multi"] = f"{host}/demo/multi:v1"
+    legacy = samples.build_image([base], docker=True, config_media_type=mt.OCTET_STREAM)
+    samples.push(base_url, "demo/legacy", "v1", legacy)
+    refs["legacy"] = f"{host}/demo/legacy:v1"
+    return refs
+
+
+def main() -> None:
+    keep = os.environ.get("CARGOHOLD_DEMO_ROOT")
+    work = Path(tempfile.mkdtemp(prefix="cargohold-demo-"))
+    root = Path(keep) if keep else work / "root"
+    if keep and root.exists():
+        shutil.rmtree(root)
+    try:
+        with start_registry(work / "registry") as reg:
+            print(f"registry: {reg.url} (storage {reg.storage})")
+            refs = seed(reg.url)
+            for name, ref in refs.items():
+                print(f"pushed {name}: {ref}")
+            _run(["pull", refs["app"]], root)
+            _run(["pull", refs["app-zstd"]], root)
+            _run(["pull", "--platform", "linux/arm64", refs["multi"]], root)
+            _run(["pull", refs["legacy"], "--output", "json"], root)
+            _run(["images", "ls"], root)
+            _run(["images", "inspect", refs["app-zstd"]], root)
+            _run(["images", "check"], root)
+            _run(["content", "ls"], root)
+        print(f"\ndemo done; data root: {root}" + ("" if keep else " (temporary, removed)"))
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""Snapshot metadata rows and snapshot directories, shared by the local snapshotters.
+
+Layout (as containerd)::
+
+    ROOT/snapshots/<snapshotter>/snapshots/<id>/...     one directory per snapshot, by numeric id
+    ROOT/snapshots/<snapshotter>/snapshots/tmp-<hex>    a snapshot being created
+    ROOT/snapshots/<snapshotter>/snapshots/rm-<hex>     a snapshot being deleted
+
+Rows live in the metadata DB table ``snapshots`` keyed (snapshotter, namespace, key); ids come from
+``snapshot_ids`` and are unique per snapshotter across namespaces, so directories never collide.
+
+Crash safety: a new snapshot is built in a ``tmp-`` directory outside any DB transaction (a native copy can
+take seconds), then one transaction re-checks the key and parent, allocates the id, renames the directory to
+``<id>`` and inserts the row. Until that transaction commits nothing is visible. Each scratch directory is
+``flock``-ed by its creator for as long as it (or a ``cp`` child it started) works in it, and created and
+locked inside a DB transaction, so the cleanup that runs when a snapshotter is opened (also in a
+transaction) deletes exactly the scratch directories of dead processes, plus ``<id>`` directories that have
+no row (a crash between rename and commit).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+import sqlite3
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cargohold.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from cargohold.metadata.db import MetadataDB, dump_labels, from_text, load_labels, to_text, utcnow
+from cargohold.snapshots.base import Info, Kind, Usage
+from cargohold.snapshots.filters import map_field, parse_filters
+
+log = logging.getLogger(__name__)
+
+MAX_LABEL_SIZE = 4096  # key + value bytes, as containerd's labels.Validate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """A snapshot row: its Info plus the numeric id that names its directory."""
+
+    id: int
+    info: Info
+
+
+class Scratch:
+    """A directory under construction or destruction, held with flock until ``close``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    @classmethod
+    def try_lock(cls, path: Path) -> Scratch | None:
+        try:
+            scratch = cls(path)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(scratch.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            scratch.close()
+            return None
+        return scratch
+
+    def remove(self) -> None:
+        _rmtree(self.path)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _rmtree(path: Path) -> None:
+    """Delete a tree, logging (not raising) what could not be removed; cleanup retries on the next open."""
+    if sys.version_info >= (3, 12):
+
+        def report(_func: object, failed: str, exc: BaseException) -> None:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("removing %s: %s", failed, exc)
+
+        shutil.rmtree(path, onexc=report)
+    else:
+
+        def report_old(_func: object, failed: str, info: tuple[type, BaseException, object]) -> None:
+            if not isinstance(info[1], FileNotFoundError):
+                log.warning("removing %s: %s", failed, info[1])
+
+        shutil.rmtree(path, onerror=report_old)
+
+
+def disk_usage(path: Path) -> Usage:
+    """Allocated bytes and distinct inodes under ``path`` (hard links counted once), as containerd's fs.DiskUsage."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return Usage()
+    seen.add((st.st_dev, st.st_ino))
+    size += st.st_blocks * 512
+    stack = [os.fspath(path)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                est = entry.stat(follow_symlinks=False)
+                ident = (est.st_dev, est.st_ino)
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                size += est.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return Usage(size=size, inodes=len(seen))
+
+
+def validate_labels(labels: Mapping[str, str], what: str) -> dict[str, str]:
+    """Drop empty values (containerd does not store them) and enforce containerd's size limit."""
+    out: dict[str, str] = {}
+    for k, v in labels.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise InvalidArgumentError(f"{what}: invalid label {k!r}={v!r}")
+        if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
+            raise InvalidArgumentError(f"{what}: label {k!r} longer than {MAX_LABEL_SIZE} bytes")
+        if v:
+            out[k] = v
+    return out
+
+
+def _adaptor(info: Info) -> Callable[[tuple[str, ...]], tuple[str, bool]]:
+    def field(path: tuple[str, ...]) -> tuple[str, bool]:
+        head = path[0]
+        if head == "kind":
+            return info.kind.filter_name, True
+        if head == "name":
+            return info.name, bool(info.name)
+        if head == "parent":
+            return info.parent, bool(info.parent)
+        if head == "labels":
+            return map_field(info.labels, path[1:])
+        return "", False
+
+    return field
+
+
+class SnapshotStore:
+    """Rows of one (snapshotter, namespace) and the directories of one snapshotter."""
+
+    def __init__(self, directory: Path, db: MetadataDB, namespace: str, snapshotter: str) -> None:
+        if not namespace:
+            raise InvalidArgumentError("snapshots: empty namespace")
+        self.dir = directory / "snapshots"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = db
+        self.namespace = namespace
+        self.snapshotter = snapshotter
+        db.ensure_namespace(namespace)
+        self.cleanup()
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self.snapshotter}, {self.namespace}, {self.dir})"
+
+    def path(self, sid: int) -> Path:
+        return self.dir / str(sid)
+
+    # --- reading ---------------------------------------------------------------------------------------
+
+    def _record(self, row: sqlite3.Row) -> Record:
+        return Record(
+            id=row["id"],
+            info=Info(
+                key=row["key"],
+                parent=row["parent"],
+                kind=Kind(row["kind"]),
+                labels=load_labels(row["labels"]),
+                created_at=from_text(row["created_at"]),
+                updated_at=from_text(row["updated_at"]),
+            ),
+        )
+
+    def _find(self, conn: sqlite3.Connection, key: str) -> Record | None:
+        row = conn.execute(
+            "SELECT * FROM snapshots WHERE snapshotter = ? AND namespace = ? AND key = ?",
+            (self.snapshotter, self.namespace, key),
+        ).fetchone()
+        return self._record(row) if row else None
+
+    def get(self, key: str, conn: sqlite3.Connection | None = None) -> Record:
+        rec = self._find(conn or self.db.conn, key)
+        if rec is None:
+            raise NotFoundError(f"snapshot {key} does not exist (snapshotter {self.snapshotter}, "
+                                f"namespace {self.namespace})")
+        return rec
+
+    def chain(self, key: str, conn: sqlite3.Connection | None = None) -> list[Record]:
+        """``key`` followed by its ancestors, nearest first (one recursive query)."""
+        rows = (conn or self.db.conn).execute(
+            """
+            WITH RECURSIVE chain(key, depth) AS (
+                SELECT ?, 0
+                UNION ALL
+                SELECT s.parent, c.depth + 1 FROM snapshots s JOIN chain c
+                  ON s.snapshotter = ? AND s.namespace = ? AND s.key = c.key
+                WHERE s.parent != '' AND c.depth < 10000
+            )
+            SELECT s.* FROM chain c JOIN snapshots s
+              ON s.snapshotter = ? AND s.namespace = ? AND s.key = c.key
+            ORDER BY c.depth
+            """,
+            (key, self.snapshotter, self.namespace, self.snapshotter, self.namespace),
+        ).fetchall()
+        if not rows:
+            raise NotFoundError(f"snapshot {key} does not exist (snapshotter {self.snapshotter}, "
+                                f"namespace {self.namespace})")
+        return [self._record(r) for r in rows]
+
+    def walk(self, filters: Sequence[str]) -> Iterator[Info]:
+        match = parse_filters(filters)
+        rows = self.db.query(
+            "SELECT * FROM snapshots WHERE snapshotter = ? AND namespace = ? ORDER BY key",
+            (self.snapshotter, self.namespace),
+        )
+        # Rows are fetched up front so callers may modify snapshots while iterating.
+        for row in rows:
+            info = self._record(row).info
+            if match.match(_adaptor(info)):
+                yield info
+
+    # --- writing ---------------------------------------------------------------------------------------
+
+    def _absent(self, conn: sqlite3.Connection, key: str) -> None:
+        if self._find(conn, key) is not None:
+            raise AlreadyExistsError(f"snapshot {key} already exists (snapshotter {self.snapshotter}, "
+                                     f"namespace {self.namespace})")
+
+    def _parents(self, conn: sqlite3.Connection, key: str, parent: str) -> list[Record]:
+        if not parent:
+            return []
+        rec = self._find(conn, parent)
+        if rec is None:
+            raise NotFoundError(f"snapshot {key}: parent snapshot {parent} does not exist")
+        if rec.info.kind is not Kind.COMMITTED:
+            raise InvalidArgumentError(
+                f"snapshot {key}: parent {parent} is {rec.info.kind.filter_name}, not a committed snapshot"
+            )
+        return self.chain(parent, conn)
+
+    def _scratch(self, prefix: str) -> Scratch:
+        path = self.dir / f"{prefix}-{secrets.token_hex(8)}"
+        path.mkdir(mode=0o700)
+        scratch = Scratch(path)
+        fcntl.flock(scratch.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return scratch
+
+    def _next_id(self, conn: sqlite3.Connection) -> int:
+        conn.execute(
+            "INSERT OR IGNORE INTO snapshot_ids (snapshotter, next_id) VALUES (?, 1)", (self.snapshotter,)
+        )
+        sid: int = conn.execute(
+            "SELECT next_id FROM snapshot_ids WHERE snapshotter = ?", (self.snapshotter,)
+        ).fetchone()[0]
+        conn.execute("UPDATE snapshot_ids SET next_id = ? WHERE snapshotter = ?", (sid + 1, self.snapshotter))
+        return sid
+
+    def create(
+        self,
+        key: str,
+        parent: str,
+        kind: Kind,
+        labels: Mapping[str, str] | None,
+        populate: Callable[[Scratch, list[Record]], None],
+    ) -> list[Record]:
+        """Create snapshot ``key``; ``populate`` fills its directory. Returns [new record, *parent chain]."""
+        if not key:
+            raise InvalidArgumentError("snapshot key must not be empty")
+        clean = validate_labels(labels or {}, f"snapshot {key}")
+        with self.db.transaction() as conn:
+            self._absent(conn, key)  # fail fast, before any copying
+            parents = self._parents(conn, key, parent)
+            # Created and locked inside the transaction: cleanup (also transactional) never sees it unlocked.
+            scratch = self._scratch("tmp")
+        try:
+            populate(scratch, parents)
+            now = to_text(utcnow())
+            with self.db.transaction() as conn:
+                self._absent(conn, key)
+                again = self._parents(conn, key, parent)
+                if [p.id for p in again] != [p.id for p in parents]:
+                    raise FailedPreconditionError(f"snapshot {key}: parent {parent} changed during prepare")
+                sid = self._next_id(conn)
+                final = self.path(sid)
+                if final.exists():  # left by a crash after rename, before commit: no row owns it
+                    self._discard(final)
+                os.rename(scratch.path, final)
+                try:
+                    conn.execute(
+                        "INSERT INTO snapshots (snapshotter, namespace, key, id, parent, kind, labels, "
+                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (self.snapshotter, self.namespace, key, sid, parent, kind.value, dump_labels(clean),
+                         now, now),
+                    )
+                except BaseException:
+                    os.rename(final, scratch.path)
+                    raise
+                scratch.path = final
+        except BaseException:
+            if scratch.path.name.startswith("tmp-"):
+                scratch.remove()
+            raise
+        finally:
+            scratch.close()
+        return [self.get(key), *parents]
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None) -> Record:
+        if not name:
+            raise InvalidArgumentError(f"commit of snapshot {key}: name must not be empty")
+        clean = validate_labels(labels or {}, f"snapshot {name}")
+        now = to_text(utcnow())
+        with self.db.transaction() as conn:
+            rec = self.get(key, conn)
+            if rec.info.kind is not Kind.ACTIVE:
+                raise FailedPreconditionError(
+                    f"snapshot {key} is {rec.info.kind.filter_name}: only active snapshots can be committed"
+                )
+            if name != key:
+                self._absent(conn, name)
+            conn.execute(
+                "UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_at = ?, updated_at = ? "
+                "WHERE snapshotter = ? AND namespace = ? AND key = ?",
+                (name, Kind.COMMITTED.value, dump_labels(clean), now, now, self.snapshotter, self.namespace,
+                 key),
+            )
+            return self.get(name, conn)
+
+    def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
+        key = info.key
+        if not key:
+            raise InvalidArgumentError("snapshot update: key must not be empty")
+        with self.db.transaction() as conn:
+            rec = self.get(key, conn)
+            labels = dict(rec.info.labels)
+            if not fieldpaths:
+                labels = dict(info.labels)
+            for path in fieldpaths:
+                if path == "labels":
+                    labels = dict(info.labels)
+                elif path.startswith("labels."):
+                    name = path[len("labels.") :]
+                    labels[name] = info.labels.get(name, "")
+                else:
+                    raise InvalidArgumentError(f"cannot update {path!r} field on snapshot {key}")
+            clean = validate_labels(labels, f"snapshot {key}")
+            conn.execute(
+                "UPDATE snapshots SET labels = ?, updated_at = ? "
+                "WHERE snapshotter = ? AND namespace = ? AND key = ?",
+                (dump_labels(clean), to_text(utcnow()), self.snapshotter, self.namespace, key),
+            )
+            return self.get(key, conn).info
+
+    def remove(self, key: str) -> None:
+        trash: Scratch | None = None
+        src = moved = None
+        try:
+            with self.db.transaction() as conn:
+                rec = self.get(key, conn)
+                child = conn.execute(
+                    "SELECT key FROM snapshots WHERE snapshotter = ? AND namespace = ? AND parent = ? LIMIT 1",
+                    (self.snapshotter, self.namespace, key),
+                ).fetchone()
+                if child is not None:
+                    raise FailedPreconditionError(
+                        f"cannot remove snapshot {key}: snapshot {child['key']} has it as parent"
+                    )
+                conn.execute(
+                    "DELETE FROM snapshots WHERE snapshotter = ? AND namespace = ? AND key = ?",
+                    (self.snapshotter, self.namespace, key),
+                )
+                src = self.path(rec.id)
+                if src.exists():
+                    # Renamed and locked inside the transaction, so a concurrent cleanup never sees it unlocked.
+                    dest = self.dir / f"rm-{secrets.token_hex(8)}"
+                    os.rename(src, dest)
+                    moved = dest
+                    trash = Scratch(dest)
+                    fcntl.flock(trash.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            if moved is not None and src is not None:  # the row is back (rollback): so is the directory
+                os.rename(moved, src)
+            if trash is not None:
+                trash.close()
+            raise
+        if trash is not None:
+            trash.remove()
+            trash.close()
+
+    def _discard(self, path: Path) -> None:
+        """Rename an orphan away and delete it (caller holds the DB write lock)."""
+        trash = self.dir / f"rm-{secrets.token_hex(8)}"
+        os.rename(path, trash)
+        _rmtree(trash)
+
+    def cleanup(self) -> None:
+        """Delete scratch directories of dead processes and directories no row refers to."""
+        doomed: list[Scratch] = []
+        with self.db.transaction() as conn:
+            ids = {
+                r[0]
+                for r in conn.execute("SELECT id FROM snapshots WHERE snapshotter = ?", (self.snapshotter,))
+            }
+            for entry in os.scandir(self.dir):
+                if entry.name.isdigit() and int(entry.name) not in ids:
+                    trash = self.dir / f"rm-{secrets.token_hex(8)}"
+                    os.rename(entry.path, trash)
+                    got = Scratch.try_lock(trash)
+                elif entry.name.startswith(("tmp-", "rm-")):
+                    got = Scratch.try_lock(Path(entry.path))
+                else:
+                    continue
+                if got is not None:
+                    log.debug("removing leftover snapshot directory %s", got.path)
+                    doomed.append(got)
+        for scratch in doomed:
+            scratch.remove()
+            scratch.close()

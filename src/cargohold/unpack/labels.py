@@ -1,0 +1,40 @@
+"""Labels the unpacker writes, with containerd's names and limits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cargohold.oci.descriptor import Descriptor
+
+SNAPSHOT_REF = "containerd.io/snapshot.ref"
+UNCOMPRESSED = "containerd.io/uncompressed"
+GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot"
+CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
+
+# containerd refuses labels whose key + value exceed 4096 bytes.
+MAX_LABEL_SIZE = 4096
+
+
+def image_layers_label(layers: Sequence[Descriptor], key: str = CRI_IMAGE_LAYERS) -> str:
+    """Comma-joined digests of ``layers``, stopping before the label would pass containerd's size limit."""
+    value = ""
+    for layer in layers:
+        candidate = f"{value},{layer.digest}" if value else str(layer.digest)
+        if len(key) + len(candidate) > MAX_LABEL_SIZE:
+            break
+        value = candidate
+    return value
+
+
+def cri_layer_labels(image_ref: str, manifest_digest: str, layers: Sequence[Descriptor], index: int
+                     ) -> dict[str, str]:
+    """The per-layer target labels remote snapshotters use to find a layer lazily."""
+    return {
+        CRI_IMAGE_REF: image_ref,
+        CRI_MANIFEST_DIGEST: manifest_digest,
+        CRI_LAYER_DIGEST: str(layers[index].digest),
+        CRI_IMAGE_LAYERS: image_layers_label(layers[index:]),
+    }

@@ -1,0 +1,276 @@
+"""Unpack one manifest's layers into a snapshotter.
+
+For each layer, keyed by its chainID:
+
+* The snapshot exists: still make sure this image's compressed blob is in the content store, fetching it when
+  missing (containerd skipped that, leaving images that could not be exported or pushed) — unless the
+  snapshotter is remote/lazy, which fetches on demand by design and must not be force-fed.
+* A remote snapshotter gets a chance to provide the layer lazily: ``prepare`` with the target labels answers
+  AlreadyExists when it did.
+* Otherwise fetch the blob (3 at a time), apply it, commit the snapshot under the chainID.
+
+Layers are fetched and applied as they arrive. On a snapshotter that can rebase (overlayfs), each layer is
+applied into its own upper directory in parallel and committed onto its parent in order; elsewhere layers apply
+in order. Two unpacks of the same chainID (threads or processes) serialise on a file lock: one does the work,
+the other finds the snapshot and reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from cargohold.content.store import ContentStore
+from cargohold.diff.apply import apply_layer
+from cargohold.errors import AlreadyExistsError, CargoholdError, FailedPreconditionError, NotFoundError
+from cargohold.events import Event, EventSink, discard
+from cargohold.images.image import ResolvedManifest
+from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.digest import Digest
+from cargohold.snapshots.base import Kind, Snapshotter
+from cargohold.snapshots.mount import mount_all, unmount
+from cargohold.unpack.labels import GC_REF_SNAPSHOT, SNAPSHOT_REF, UNCOMPRESSED
+
+log = logging.getLogger(__name__)
+
+# Ensure a blob is in the content store; True when it had to be fetched.
+FetchFn = Callable[[Descriptor], bool]
+# Extra labels for layer i's snapshot (e.g. the CRI target labels).
+LayerLabelsFn = Callable[[int], Mapping[str, str]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerOutcome:
+    index: int
+    chain_id: Digest
+    digest: Digest
+    status: str  # unpacked, exists, remote
+    fetched: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnpackResult:
+    chain_id: Digest
+    snapshotter: str
+    layers: tuple[LayerOutcome, ...]
+
+    @property
+    def unpacked(self) -> int:
+        return sum(1 for layer in self.layers if layer.status == "unpacked")
+
+    @property
+    def fetched(self) -> tuple[Digest, ...]:
+        return tuple(layer.digest for layer in self.layers if layer.fetched)
+
+
+class _Aborted(Exception):
+    """Another layer failed; this one stops waiting."""
+
+
+class Unpacker:
+    """Unpacks manifests into one snapshotter, fetching layer blobs through ``fetch`` when they are missing.
+
+    Without ``fetch`` (an offline unpack of an imported image) a missing blob is an error naming it.
+    """
+
+    def __init__(
+        self,
+        *,
+        content: ContentStore,
+        snapshotter: Snapshotter,
+        locks_dir: Path,
+        fetch: FetchFn | None = None,
+        concurrency: int = 3,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.content = content
+        self.snapshotter = snapshotter
+        self.locks_dir = locks_dir
+        self.fetch = fetch
+        self.concurrency = max(1, concurrency)
+        self.on_event = on_event or discard
+        self.remote = bool(getattr(snapshotter, "remote", False))
+        self.rebase = "rebase" in getattr(snapshotter, "capabilities", frozenset())
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+
+    def unpack(self, resolved: ResolvedManifest, *, layer_labels: LayerLabelsFn | None = None) -> UnpackResult:
+        layers = resolved.manifest.layers
+        chains = resolved.chain_ids
+        if not layers:
+            raise FailedPreconditionError(f"manifest {resolved.descriptor.digest}: no layers to unpack")
+        committed = [threading.Event() for _ in layers]
+        failed = threading.Event()
+        outcomes: list[LayerOutcome | None] = [None] * len(layers)
+
+        def run(i: int) -> None:
+            try:
+                outcomes[i] = self._layer(resolved, i, chains, committed, failed,
+                                          dict(layer_labels(i)) if layer_labels else {})
+                committed[i].set()
+            except BaseException:
+                failed.set()
+                raise
+
+        # Tasks start in layer order and only wait on earlier layers, so the earliest unfinished layer always
+        # has a worker: no deadlock whatever the pool size.
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(layers)),
+                                thread_name_prefix="unpack") as pool:
+            futures = [pool.submit(run, i) for i in range(len(layers))]
+            errors = []
+            for fut in futures:
+                exc = fut.exception()
+                if exc is not None and not isinstance(exc, _Aborted):
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+        top = chains[-1]
+        self._label_config(resolved, top)
+        done = tuple(o for o in outcomes if o is not None)
+        return UnpackResult(chain_id=top, snapshotter=self.snapshotter.name, layers=done)
+
+    # -- one layer -------------------------------------------------------------------------------------------
+
+    def _layer(self, resolved: ResolvedManifest, i: int, chains: list[Digest], committed: list[threading.Event],
+               failed: threading.Event, extra_labels: dict[str, str]) -> LayerOutcome:
+        layer = resolved.manifest.layers[i]
+        chain = chains[i]
+        parent = str(chains[i - 1]) if i else ""
+        item = str(layer.digest)
+        if self._snapshot_exists(str(chain)):
+            fetched = self._ensure_content(layer)
+            self.on_event(Event(action="apply", status="exists", item=item, media_type=layer.media_type,
+                                message=f"snapshot {chain.short} exists"))
+            return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="exists", fetched=fetched)
+        with self._chain_lock(chain):
+            if self._snapshot_exists(str(chain)):
+                fetched = self._ensure_content(layer)
+                return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="exists",
+                                    fetched=fetched)
+            labels = {SNAPSHOT_REF: str(chain), **extra_labels}
+            key = f"extract-{time.time_ns()}-{os.getpid()}-{chain.hex[:12]}"
+            if self.remote:
+                _wait(committed, i - 1, failed)
+                try:
+                    mounts = self.snapshotter.prepare(key, parent, labels)
+                except AlreadyExistsError:
+                    # The remote snapshotter provides this layer lazily: nothing to fetch or apply.
+                    self.on_event(Event(action="apply", status="skipped", item=item, media_type=layer.media_type,
+                                        message="remote snapshotter has it"))
+                    return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="remote",
+                                        fetched=False)
+                try:
+                    fetched = self._ensure_content(layer, force=True)
+                    self._apply_mounted(mounts, layer, resolved.diff_ids[i])
+                    self._commit(str(chain), key, labels)
+                except BaseException:
+                    self._discard(key)
+                    raise
+                return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="unpacked",
+                                    fetched=fetched)
+
+            fetched = self._ensure_content(layer)
+            try:
+                if self.rebase:
+                    self.snapshotter.prepare(key, "", labels)
+                    self._apply_into(self.snapshotter.upper_dir(key), layer, resolved.diff_ids[i], overlay=True)  # type: ignore[attr-defined]
+                    _wait(committed, i - 1, failed)
+                    self._commit(str(chain), key, labels, parent=parent)
+                else:
+                    _wait(committed, i - 1, failed)
+                    mounts = self.snapshotter.prepare(key, parent, labels)
+                    self._apply_mounted(mounts, layer, resolved.diff_ids[i])
+                    self._commit(str(chain), key, labels)
+            except BaseException:
+                self._discard(key)
+                raise
+        return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="unpacked", fetched=fetched)
+
+    def _snapshot_exists(self, name: str) -> bool:
+        try:
+            info = self.snapshotter.stat(name)
+        except NotFoundError:
+            return False
+        return info.kind == Kind.COMMITTED
+
+    def _ensure_content(self, layer: Descriptor, *, force: bool = False) -> bool:
+        """Make sure the compressed blob is stored. Remote snapshotters are not force-fed unless ``force``."""
+        if self.remote and not force:
+            return False
+        if self.content.exists(layer.digest):
+            return False
+        if self.fetch is None:
+            raise FailedPreconditionError(
+                f"layer {layer.digest} ({layer.media_type}): blob not in the content store and no registry "
+                "to fetch it from"
+            )
+        return self.fetch(layer)
+
+    def _apply_into(self, root: Path, layer: Descriptor, diff_id: Digest, *, overlay: bool) -> None:
+        item = str(layer.digest)
+        self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
+                            total=layer.size))
+        with self.content.open(layer.digest) as stream:
+            apply_layer(root, stream, expected_digest=layer.digest, expected_diff_id=diff_id, overlay=overlay)
+        self.content.update(layer.digest, {UNCOMPRESSED: str(diff_id)})
+        self.on_event(Event(action="apply", status="done", item=item, media_type=layer.media_type,
+                            current=layer.size, total=layer.size))
+
+    def _apply_mounted(self, mounts: list, layer: Descriptor, diff_id: Digest) -> None:  # type: ignore[type-arg]
+        if len(mounts) == 1 and mounts[0].type == "bind":
+            # A bind mount of one directory: apply straight into it, no mount needed.
+            self._apply_into(Path(mounts[0].source), layer, diff_id, overlay=False)
+            return
+        with tempfile.TemporaryDirectory(prefix="cargohold-apply-") as tmp:
+            target = Path(tmp)
+            mount_all(mounts, target)
+            try:
+                self._apply_into(target, layer, diff_id, overlay=False)
+            finally:
+                unmount(target)
+
+    def _commit(self, name: str, key: str, labels: dict[str, str], *, parent: str | None = None) -> None:
+        try:
+            if parent is None:
+                self.snapshotter.commit(name, key, labels)
+            else:
+                self.snapshotter.commit(name, key, labels, parent=parent)  # type: ignore[call-arg]
+        except AlreadyExistsError:
+            # Someone committed the same chainID meanwhile (outside our lock, e.g. another tool): reuse theirs.
+            self._discard(key)
+
+    def _discard(self, key: str) -> None:
+        with contextlib.suppress(CargoholdError, OSError):
+            self.snapshotter.remove(key)
+
+    @contextlib.contextmanager
+    def _chain_lock(self, chain: Digest) -> Iterator[None]:
+        path = self.locks_dir / f"{self.snapshotter.name}-{chain.hex}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _label_config(self, resolved: ResolvedManifest, top: Digest) -> None:
+        config = resolved.manifest.config.digest
+        with contextlib.suppress(NotFoundError):
+            self.content.update(config, {f"{GC_REF_SNAPSHOT}.{self.snapshotter.name}": str(top)})
+
+
+def _wait(committed: list[threading.Event], index: int, failed: threading.Event) -> None:
+    if index < 0:
+        return
+    while not committed[index].wait(0.05):
+        if failed.is_set():
+            raise _Aborted()
