@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cargohold.content.local import LocalStore
 from cargohold.content.namespaced import NamespacedStore
+from cargohold.content.store import LABEL_GC_ROOT
 from cargohold.diff.apply import apply_layer
 from cargohold.errors import (
     AlreadyExistsError,
@@ -38,11 +39,12 @@ from cargohold.images.image import (
 )
 from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB, utcnow
 from cargohold.metadata.images import Image, ImageStore
+from cargohold.metadata.leases import LeaseStore
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.platform import Platform, PlatformMatcher, default_matcher
 from cargohold.oci.reference import Reference
-from cargohold.remotes.auth import CredentialStore
+from cargohold.remotes.credentials import CredentialStore
 from cargohold.remotes.fetch import fetch_blob
 from cargohold.remotes.resolver import Fetcher, Resolver
 from cargohold.snapshots import default_snapshotter_name, known_snapshotters, open_snapshotter
@@ -151,58 +153,63 @@ class Client:
         self.on_event(Event(action="resolve", status="running", item=str(reference)))
         _, target = self.resolver.resolve(reference)
         self.on_event(Event(action="resolve", status="done", item=str(reference), message=str(target.digest)))
-        fetcher = self.resolver.fetcher(reference)
-        matcher = _matcher(platforms)
-        fetched: list[Descriptor] = []
-        present: list[Descriptor] = []
-        manifests: list[Descriptor] = []
-        deferred: dict[Descriptor, list[Descriptor]] = {}
-        record = threading.Lock()
-        source = {f"{DISTRIBUTION_SOURCE}.{reference.domain}": reference.path}
+        # A lease keeps what this pull writes safe from garbage collection until the image record exists.
+        with LeaseStore(self.db, self.namespace).hold(labels={"cargohold.io/pull": str(reference)}) as lease:
+            store = self.content.with_lease(lease.id)
+            fetcher = self.resolver.fetcher(reference)
+            matcher = _matcher(platforms)
+            fetched: list[Descriptor] = []
+            present: list[Descriptor] = []
+            manifests: list[Descriptor] = []
+            deferred: dict[Descriptor, list[Descriptor]] = {}
+            record = threading.Lock()
+            source = {f"{DISTRIBUTION_SOURCE}.{reference.domain}": reference.path}
 
-        def fetch_one(desc: Descriptor) -> bool:
-            was_fetched = self._fetch_one(fetcher, desc, source)
-            with record:
-                (fetched if was_fetched else present).append(desc)
-            return was_fetched
-
-        def fetch(desc: Descriptor) -> Sequence[Descriptor]:
-            fetch_one(desc)
-            if mt.is_manifest(desc.media_type):
+            def fetch_one(desc: Descriptor) -> bool:
+                was_fetched = self._fetch_one(fetcher, desc, source, store)
                 with record:
-                    manifests.append(desc)
-            return []
+                    (fetched if was_fetched else present).append(desc)
+                return was_fetched
 
-        walk: Handler = set_children_labels(self.content, children(self.content))
-        if not all_platforms:
-            walk = limit_manifests(filter_platforms(walk, matcher), matcher, 1)
-        if unpack:
-            walk = _defer_layers(walk, deferred, record)
-        dispatch(compose(fetch, walk), [target], concurrency=self.max_concurrent_downloads)
+            def fetch(desc: Descriptor) -> Sequence[Descriptor]:
+                fetch_one(desc)
+                if mt.is_manifest(desc.media_type):
+                    with record:
+                        manifests.append(desc)
+                return []
 
-        unpack_result: UnpackResult | None = None
-        if unpack:
-            chosen = manifest_for(self.content, target, matcher)
-            rest = [layer for m, layers in deferred.items() if m.digest != chosen.digest for layer in layers]
-            if rest:
-                dispatch(lambda d: (fetch_one(d), [])[1], rest, concurrency=self.max_concurrent_downloads)
-            resolved = resolve_manifest(self.content, chosen, matcher)
-            unpack_result = self._unpacker(snapshotter, fetch_one).unpack(
-                resolved,
-                layer_labels=self._layer_labels_fn(str(reference), resolved) if layer_labels else None,
-            )
+            walk: Handler = set_children_labels(store, children(store))
+            if not all_platforms:
+                walk = limit_manifests(filter_platforms(walk, matcher), matcher, 1)
+            if unpack:
+                walk = _defer_layers(walk, deferred, record)
+            dispatch(compose(fetch, walk), [target], concurrency=self.max_concurrent_downloads)
 
-        image_name = str(reference)
-        now = utcnow()
-        image = self.images.put(Image(name=image_name, target=target, labels={}, created_at=now, updated_at=now))
-        self.on_event(Event(action="pull", status="done", item=image_name, message=str(target.digest)))
+            unpack_result: UnpackResult | None = None
+            if unpack:
+                chosen = manifest_for(store, target, matcher)
+                rest = [layer for m, layers in deferred.items() if m.digest != chosen.digest for layer in layers]
+                if rest:  # other platforms' layers (--all-platforms): fetched, not unpacked
+                    dispatch(fetch, rest, concurrency=self.max_concurrent_downloads)
+                resolved = resolve_manifest(store, chosen, matcher)
+                unpack_result = self._unpacker(snapshotter, fetch_one, store).unpack(
+                    resolved,
+                    layer_labels=self._layer_labels_fn(str(reference), resolved) if layer_labels else None,
+                )
+
+            image_name = str(reference)
+            now = utcnow()
+            image = self.images.put(Image(name=image_name, target=target, labels={}, created_at=now, updated_at=now))
+            self.on_event(Event(action="pull", status="done", item=image_name, message=str(target.digest)))
         return PullResult(image=image, manifests=tuple(manifests), fetched=tuple(fetched), present=tuple(present),
                           unpack=unpack_result)
 
-    def _fetch_one(self, fetcher: Fetcher, desc: Descriptor, source: dict[str, str]) -> bool:
+    def _fetch_one(self, fetcher: Fetcher, desc: Descriptor, source: dict[str, str],
+                   store: NamespacedStore | None = None) -> bool:
         """Fetch one blob unless present; label it with its distribution source. True when fetched."""
+        store = store or self.content
         item = str(desc.digest)
-        if self.content.exists(desc.digest):
+        if store.exists(desc.digest):
             self._add_source_label(desc, source)
             self.on_event(Event(action="fetch", status="exists", item=item, media_type=desc.media_type,
                                 current=desc.size, total=desc.size))
@@ -215,7 +222,7 @@ class Client:
                                 current=current, total=total))
 
         try:
-            fetch_blob(fetcher, self.content, desc, labels=dict(source), progress=progress)
+            fetch_blob(fetcher, store, desc, labels=dict(source), progress=progress)
         except AlreadyExistsError:
             self._add_source_label(desc, source)
         except Exception as exc:
@@ -256,9 +263,10 @@ class Client:
     def default_snapshotter(self) -> str:
         return self._default_snapshotter or default_snapshotter_name(self.root)
 
-    def _unpacker(self, snapshotter: str | None, fetch: FetchFn | None) -> Unpacker:
+    def _unpacker(self, snapshotter: str | None, fetch: FetchFn | None, store: NamespacedStore | None = None
+                  ) -> Unpacker:
         return Unpacker(
-            content=self.content,
+            content=store or self.content,
             snapshotter=self.snapshotter(snapshotter),
             locks_dir=self.root / "unpack" / "locks",
             fetch=fetch,
@@ -358,7 +366,8 @@ class Client:
         resolved = self.resolve_manifest(name, platform)
         key = _mount_key(dest)
         parent = str(resolved.chain_ids[-1])
-        labels = {MOUNT_LABEL: str(dest)}
+        # gc.root: a mounted snapshot is referenced by nothing else, yet must survive garbage collection.
+        labels = {MOUNT_LABEL: str(dest), LABEL_GC_ROOT: utcnow().isoformat()}
         mounts = sn.prepare(key, parent, labels) if writable else sn.view(key, parent, labels)
         try:
             mount_all(mounts, dest)

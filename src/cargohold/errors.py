@@ -27,6 +27,11 @@ class FailedPreconditionError(CargoholdError):
     """The state does not allow the operation (e.g. an image with missing content)."""
 
 
+class NeedsParentsError(FailedPreconditionError):
+    """A layer applied on its own (no parents present) touches a path only its parents can explain: a directory
+    it does not create or a hardlink to a file it does not hold. The caller applies it onto its parents."""
+
+
 class UnavailableError(CargoholdError):
     """A resource is busy or unreachable; a retry may help."""
 

@@ -11,16 +11,16 @@ from typing import Any, TypeVar
 import click
 
 from cargohold import __version__
-from cargohold.cli.output import eprint, emit_json, human_size, table
+from cargohold.cli.output import emit_json, eprint, human_size, table
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client, default_root
-from cargohold.snapshots import available_snapshotters
-from cargohold.snapshots.base import Info as SnapshotInfo
-from cargohold.snapshots.base import Snapshotter
 from cargohold.errors import CargoholdError, InvalidArgumentError
 from cargohold.metadata.images import Image
 from cargohold.oci.digest import Digest
-from cargohold.remotes.auth import credentials_for
+from cargohold.remotes.credentials import credentials_for
+from cargohold.snapshots import available_snapshotters
+from cargohold.snapshots.base import Info as SnapshotInfo
+from cargohold.snapshots.base import Snapshotter
 from cargohold.unpack.unpacker import UnpackResult
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -5,8 +5,8 @@ top of a committed parent), ``view`` a read-only one, ``commit`` freezes an acti
 later snapshots can use as their parent. Callers never touch snapshot directories; they get a list of
 ``Mount`` records and mount them (see ``cargohold.snapshots.mount``).
 
-The ten verbs map one for one onto containerd's gRPC ``containerd.services.snapshots.v1.Snapshots`` service, so a
-gRPC proxy implementation can sit behind the same Protocol.
+The ten verbs map one for one onto containerd's gRPC ``containerd.services.snapshots.v1.Snapshots``
+service, so a gRPC proxy implementation can sit behind the same Protocol.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ class Snapshotter(Protocol):
     """containerd's Snapshotter. Keys are scoped to the namespace the instance was opened for.
 
     Errors: ``NotFoundError`` (no such key/parent), ``AlreadyExistsError`` (key or commit name taken),
-    ``FailedPreconditionError`` (remove of a snapshot with children, commit of a non-active snapshot, mounts of
-    a committed one), ``InvalidArgumentError`` (empty key, parent not committed, bad filter or fieldpath).
+    ``FailedPreconditionError`` (remove of a snapshot with children, commit of a non-active snapshot,
+    mounts of a committed one), ``InvalidArgumentError`` (empty key, parent not committed, bad filter or
+    fieldpath).
     """
 
     name: str
@@ -101,7 +102,7 @@ class Snapshotter(Protocol):
         ...
 
     def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
-        """Change labels of ``info.key``. ``fieldpaths`` like "labels" or "labels.KEY"; empty = replace all labels.
+        """Change labels of ``info.key``; ``fieldpaths`` like "labels", "labels.KEY"; empty = replace all.
 
         A label set to "" (or absent from ``info.labels`` for a "labels.KEY" path) is deleted.
         """
@@ -124,7 +125,7 @@ class Snapshotter(Protocol):
         ...
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
-        """Freeze active ``key`` as committed ``name``; ``key`` stops existing. ``labels`` become its labels."""
+        """Freeze active ``key`` as committed ``name`` (``key`` stops existing) labelled ``labels``."""
         ...
 
     def remove(self, key: str) -> None:

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import tempfile
 import threading
 import time
@@ -159,14 +160,12 @@ def _sys_mount_in(cwd: str, source: str, target: str, fstype: str, flags: int, d
 def _compact_lowerdir(data: str, target: str) -> tuple[str, str]:
     """Rewrite ``lowerdir=`` relative to the lower dirs' common parent; returns (data, that parent)."""
     words = data.split(",")
-    for i, word in enumerate(words):
-        if word.startswith("lowerdir="):
-            lowers = word[len("lowerdir=") :].split(":")
-            break
-    else:
+    index = next((i for i, word in enumerate(words) if word.startswith("lowerdir=")), -1)
+    if index < 0:
         raise InvalidArgumentError(f"mount at {target}: {len(data)} bytes of overlay options, over the limit")
+    lowers = words[index][len("lowerdir=") :].split(":")
     common = os.path.commonpath(lowers) if len(lowers) > 1 else os.path.dirname(lowers[0])
-    words[i] = "lowerdir=" + ":".join(os.path.relpath(d, common) for d in lowers)
+    words[index] = "lowerdir=" + ":".join(os.path.relpath(d, common) for d in lowers)
     compact = ",".join(words)
     if len(compact.encode()) + 1 > PAGE_SIZE:
         raise InvalidArgumentError(
@@ -184,6 +183,8 @@ def mount_one(m: Mount, target: str | Path) -> None:
     """Mount one record exactly at ``target`` (``m.target`` is not applied here)."""
     dest = os.path.abspath(target)
     opts = parse_options(m.options)
+    if m.type == "bind" and not opts.flags & MS_BIND:  # "bind" without bind options still means a bind
+        opts = MountOptions(opts.flags | MS_BIND, opts.propagation, opts.data)
     data = ",".join(opts.data)
     cwd = ""
     if len(data.encode()) + 1 > PAGE_SIZE:
@@ -233,13 +234,34 @@ def mount_all(mounts: Sequence[Mount], target: str | Path) -> None:
         raise
 
 
+def _mounts_below(path: str) -> list[str]:
+    """Mount points strictly below ``path``, deepest first."""
+    prefix = path.rstrip("/") + "/"
+    found: list[str] = []
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+            raw = line.split(b" ")[4]
+            point = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
+            if point.startswith(prefix):
+                found.append(point)
+    return sorted(set(found), key=len, reverse=True)
+
+
 def unmount(target: str | Path, *, lazy: bool = False) -> None:
-    """Unmount everything stacked on ``target``; nothing mounted there is not an error.
+    """Unmount everything mounted at or below ``target``; nothing mounted there is not an error.
 
     EBUSY is retried for about 2.5 s (a process may still be leaving the tree) before UnavailableError;
     ``lazy=True`` detaches instead (MNT_DETACH) and never waits.
     """
-    path = os.fsencode(os.path.abspath(target))
+    top = os.path.abspath(target)
+    for below in _mounts_below(top):
+        _unmount_stack(below, lazy)
+    _unmount_stack(top, lazy)
+
+
+def _unmount_stack(target: str, lazy: bool) -> None:
+    path = os.fsencode(target)
     flags = MNT_DETACH if lazy else 0
     busy = 0
     for _ in range(1000):

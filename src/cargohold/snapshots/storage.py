@@ -24,9 +24,7 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 import sqlite3
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,8 @@ from cargohold.errors import (
     NotFoundError,
 )
 from cargohold.metadata.db import MetadataDB, dump_labels, from_text, load_labels, to_text, utcnow
-from cargohold.snapshots.base import Info, Kind, Usage
+from cargohold.snapshots.base import Info, Kind
+from cargohold.snapshots.dirs import Scratch, rmtree_quiet
 from cargohold.snapshots.filters import map_field, parse_filters
 
 log = logging.getLogger(__name__)
@@ -52,78 +51,6 @@ class Record:
 
     id: int
     info: Info
-
-
-class Scratch:
-    """A directory under construction or destruction, held with flock until ``close``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    @classmethod
-    def try_lock(cls, path: Path) -> Scratch | None:
-        try:
-            scratch = cls(path)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(scratch.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            scratch.close()
-            return None
-        return scratch
-
-    def remove(self) -> None:
-        _rmtree(self.path)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _rmtree(path: Path) -> None:
-    """Delete a tree, logging (not raising) what could not be removed; cleanup retries on the next open."""
-    if sys.version_info >= (3, 12):
-
-        def report(_func: object, failed: str, exc: BaseException) -> None:
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("removing %s: %s", failed, exc)
-
-        shutil.rmtree(path, onexc=report)
-    else:
-
-        def report_old(_func: object, failed: str, info: tuple[type, BaseException, object]) -> None:
-            if not isinstance(info[1], FileNotFoundError):
-                log.warning("removing %s: %s", failed, info[1])
-
-        shutil.rmtree(path, onerror=report_old)
-
-
-def disk_usage(path: Path) -> Usage:
-    """Allocated bytes and distinct inodes under ``path`` (hard links counted once), as containerd's fs.DiskUsage."""
-    seen: set[tuple[int, int]] = set()
-    size = 0
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return Usage()
-    seen.add((st.st_dev, st.st_ino))
-    size += st.st_blocks * 512
-    stack = [os.fspath(path)]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                est = entry.stat(follow_symlinks=False)
-                ident = (est.st_dev, est.st_ino)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                size += est.st_blocks * 512
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-    return Usage(size=size, inodes=len(seen))
 
 
 def validate_labels(labels: Mapping[str, str], what: str) -> dict[str, str]:
@@ -200,13 +127,15 @@ class SnapshotStore:
     def get(self, key: str, conn: sqlite3.Connection | None = None) -> Record:
         rec = self._find(conn or self.db.conn, key)
         if rec is None:
-            raise NotFoundError(f"snapshot {key} does not exist (snapshotter {self.snapshotter}, "
-                                f"namespace {self.namespace})")
+            raise NotFoundError(
+                f"snapshot {key} does not exist (snapshotter {self.snapshotter}, namespace {self.namespace})"
+            )
         return rec
 
     def chain(self, key: str, conn: sqlite3.Connection | None = None) -> list[Record]:
         """``key`` followed by its ancestors, nearest first (one recursive query)."""
-        rows = (conn or self.db.conn).execute(
+        db = conn or self.db.conn
+        rows = db.execute(
             """
             WITH RECURSIVE chain(key, depth) AS (
                 SELECT ?, 0
@@ -222,28 +151,29 @@ class SnapshotStore:
             (key, self.snapshotter, self.namespace, self.snapshotter, self.namespace),
         ).fetchall()
         if not rows:
-            raise NotFoundError(f"snapshot {key} does not exist (snapshotter {self.snapshotter}, "
-                                f"namespace {self.namespace})")
+            raise NotFoundError(
+                f"snapshot {key} does not exist (snapshotter {self.snapshotter}, namespace {self.namespace})"
+            )
         return [self._record(r) for r in rows]
 
     def walk(self, filters: Sequence[str]) -> Iterator[Info]:
+        """Matching snapshots by key. Filters are parsed and rows read now (bad filters raise here, and
+        callers may change snapshots while iterating)."""
         match = parse_filters(filters)
         rows = self.db.query(
             "SELECT * FROM snapshots WHERE snapshotter = ? AND namespace = ? ORDER BY key",
             (self.snapshotter, self.namespace),
         )
-        # Rows are fetched up front so callers may modify snapshots while iterating.
-        for row in rows:
-            info = self._record(row).info
-            if match.match(_adaptor(info)):
-                yield info
+        infos = [self._record(row).info for row in rows]
+        return iter([info for info in infos if match.match(_adaptor(info))])
 
     # --- writing ---------------------------------------------------------------------------------------
 
     def _absent(self, conn: sqlite3.Connection, key: str) -> None:
         if self._find(conn, key) is not None:
-            raise AlreadyExistsError(f"snapshot {key} already exists (snapshotter {self.snapshotter}, "
-                                     f"namespace {self.namespace})")
+            raise AlreadyExistsError(
+                f"snapshot {key} already exists (snapshotter {self.snapshotter}, namespace {self.namespace})"
+            )
 
     def _parents(self, conn: sqlite3.Connection, key: str, parent: str) -> list[Record]:
         if not parent:
@@ -256,13 +186,6 @@ class SnapshotStore:
                 f"snapshot {key}: parent {parent} is {rec.info.kind.filter_name}, not a committed snapshot"
             )
         return self.chain(parent, conn)
-
-    def _scratch(self, prefix: str) -> Scratch:
-        path = self.dir / f"{prefix}-{secrets.token_hex(8)}"
-        path.mkdir(mode=0o700)
-        scratch = Scratch(path)
-        fcntl.flock(scratch.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return scratch
 
     def _next_id(self, conn: sqlite3.Connection) -> int:
         conn.execute(
@@ -290,7 +213,7 @@ class SnapshotStore:
             self._absent(conn, key)  # fail fast, before any copying
             parents = self._parents(conn, key, parent)
             # Created and locked inside the transaction: cleanup (also transactional) never sees it unlocked.
-            scratch = self._scratch("tmp")
+            scratch = Scratch.create(self.dir, "tmp")
         try:
             populate(scratch, parents)
             now = to_text(utcnow())
@@ -308,8 +231,17 @@ class SnapshotStore:
                     conn.execute(
                         "INSERT INTO snapshots (snapshotter, namespace, key, id, parent, kind, labels, "
                         "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (self.snapshotter, self.namespace, key, sid, parent, kind.value, dump_labels(clean),
-                         now, now),
+                        (
+                            self.snapshotter,
+                            self.namespace,
+                            key,
+                            sid,
+                            parent,
+                            kind.value,
+                            dump_labels(clean),
+                            now,
+                            now,
+                        ),
                     )
                 except BaseException:
                     os.rename(final, scratch.path)
@@ -323,7 +255,10 @@ class SnapshotStore:
             scratch.close()
         return [self.get(key), *parents]
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str] | None) -> Record:
+    def commit(
+        self, name: str, key: str, labels: Mapping[str, str] | None, parent: str | None = None
+    ) -> Record:
+        """Active ``key`` becomes committed ``name``; ``parent`` (when not None) replaces its parent."""
         if not name:
             raise InvalidArgumentError(f"commit of snapshot {key}: name must not be empty")
         clean = validate_labels(labels or {}, f"snapshot {name}")
@@ -336,11 +271,22 @@ class SnapshotStore:
                 )
             if name != key:
                 self._absent(conn, name)
+            if parent is not None:
+                self._parents(conn, name, parent)  # must exist and be committed (so it cannot be ``key``)
             conn.execute(
-                "UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_at = ?, updated_at = ? "
-                "WHERE snapshotter = ? AND namespace = ? AND key = ?",
-                (name, Kind.COMMITTED.value, dump_labels(clean), now, now, self.snapshotter, self.namespace,
-                 key),
+                "UPDATE snapshots SET key = ?, parent = ?, kind = ?, labels = ?, created_at = ?, "
+                "updated_at = ? WHERE snapshotter = ? AND namespace = ? AND key = ?",
+                (
+                    name,
+                    rec.info.parent if parent is None else parent,
+                    Kind.COMMITTED.value,
+                    dump_labels(clean),
+                    now,
+                    now,
+                    self.snapshotter,
+                    self.namespace,
+                    key,
+                ),
             )
             return self.get(name, conn)
 
@@ -376,7 +322,8 @@ class SnapshotStore:
             with self.db.transaction() as conn:
                 rec = self.get(key, conn)
                 child = conn.execute(
-                    "SELECT key FROM snapshots WHERE snapshotter = ? AND namespace = ? AND parent = ? LIMIT 1",
+                    "SELECT key FROM snapshots WHERE snapshotter = ? AND namespace = ? AND parent = ? "
+                    "LIMIT 1",
                     (self.snapshotter, self.namespace, key),
                 ).fetchone()
                 if child is not None:
@@ -389,7 +336,7 @@ class SnapshotStore:
                 )
                 src = self.path(rec.id)
                 if src.exists():
-                    # Renamed and locked inside the transaction, so a concurrent cleanup never sees it unlocked.
+                    # Renamed and locked inside the transaction: a concurrent cleanup never sees it unlocked.
                     dest = self.dir / f"rm-{secrets.token_hex(8)}"
                     os.rename(src, dest)
                     moved = dest
@@ -409,7 +356,7 @@ class SnapshotStore:
         """Rename an orphan away and delete it (caller holds the DB write lock)."""
         trash = self.dir / f"rm-{secrets.token_hex(8)}"
         os.rename(path, trash)
-        _rmtree(trash)
+        rmtree_quiet(trash)
 
     def cleanup(self) -> None:
         """Delete scratch directories of dead processes and directories no row refers to."""

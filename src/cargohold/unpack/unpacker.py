@@ -31,7 +31,13 @@ from pathlib import Path
 
 from cargohold.content.store import ContentStore
 from cargohold.diff.apply import apply_layer
-from cargohold.errors import AlreadyExistsError, CargoholdError, FailedPreconditionError, NotFoundError
+from cargohold.errors import (
+    AlreadyExistsError,
+    CargoholdError,
+    FailedPreconditionError,
+    NeedsParentsError,
+    NotFoundError,
+)
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.image import ResolvedManifest
 from cargohold.oci.descriptor import Descriptor
@@ -178,21 +184,41 @@ class Unpacker:
                                     fetched=fetched)
 
             fetched = self._ensure_content(layer)
-            try:
-                if self.rebase:
-                    self.snapshotter.prepare(key, "", labels)
-                    self._apply_into(self.snapshotter.upper_dir(key), layer, resolved.diff_ids[i], overlay=True)  # type: ignore[attr-defined]
-                    _wait(committed, i - 1, failed)
-                    self._commit(str(chain), key, labels, parent=parent)
-                else:
+            if self.rebase and parent and self._apply_alone(key, parent, layer, resolved.diff_ids[i], labels,
+                                                            lambda: _wait(committed, i - 1, failed)):
+                self._commit(str(chain), key, labels, parent=parent)
+            else:
+                try:
                     _wait(committed, i - 1, failed)
                     mounts = self.snapshotter.prepare(key, parent, labels)
                     self._apply_mounted(mounts, layer, resolved.diff_ids[i])
                     self._commit(str(chain), key, labels)
-            except BaseException:
-                self._discard(key)
-                raise
+                except BaseException:
+                    self._discard(key)
+                    raise
         return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="unpacked", fetched=fetched)
+
+    def _apply_alone(self, key: str, parent: str, layer: Descriptor, diff_id: Digest, labels: dict[str, str],
+                     wait_parent: Callable[[], None]) -> bool:
+        """Apply a layer into an empty upper dir while its parents are still being applied (rebase at commit).
+
+        Returns False, having discarded the attempt, when the layer needs its parents to apply right (an
+        entry under a directory it does not create, a hardlink into a parent layer): the caller then applies
+        it onto its mounted parents, as containerd always does. On success the parent has been waited for.
+        """
+        try:
+            self.snapshotter.prepare(key, "", labels)
+            upper = self.snapshotter.upper_dir(key)  # type: ignore[attr-defined]
+            self._apply_into(upper, layer, diff_id, overlay=True, isolated=True)
+            wait_parent()
+        except NeedsParentsError as exc:
+            log.debug("layer %s applies onto its parents: %s", layer.digest, exc)
+            self._discard(key)
+            return False
+        except BaseException:
+            self._discard(key)
+            raise
+        return True
 
     def _snapshot_exists(self, name: str) -> bool:
         try:
@@ -205,6 +231,8 @@ class Unpacker:
         """Make sure the compressed blob is stored. Remote snapshotters are not force-fed unless ``force``."""
         if self.remote and not force:
             return False
+        if self.fetch is not None:
+            return self.fetch(layer)  # present blobs are not fetched again, only labelled with their source
         if self.content.exists(layer.digest):
             return False
         if self.fetch is None:
@@ -214,12 +242,14 @@ class Unpacker:
             )
         return self.fetch(layer)
 
-    def _apply_into(self, root: Path, layer: Descriptor, diff_id: Digest, *, overlay: bool) -> None:
+    def _apply_into(self, root: Path, layer: Descriptor, diff_id: Digest, *, overlay: bool,
+                    isolated: bool = False) -> None:
         item = str(layer.digest)
         self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
                             total=layer.size))
         with self.content.open(layer.digest) as stream:
-            apply_layer(root, stream, expected_digest=layer.digest, expected_diff_id=diff_id, overlay=overlay)
+            apply_layer(root, stream, expected_digest=layer.digest, expected_diff_id=diff_id, overlay=overlay,
+                        isolated=isolated)
         self.content.update(layer.digest, {UNCOMPRESSED: str(diff_id)})
         self.on_event(Event(action="apply", status="done", item=item, media_type=layer.media_type,
                             current=layer.size, total=layer.size))
@@ -238,6 +268,7 @@ class Unpacker:
                 unmount(target)
 
     def _commit(self, name: str, key: str, labels: dict[str, str], *, parent: str | None = None) -> None:
+        """Commit ``key`` as ``name`` (onto ``parent`` when rebasing); on failure the active key is removed."""
         try:
             if parent is None:
                 self.snapshotter.commit(name, key, labels)
@@ -246,6 +277,9 @@ class Unpacker:
         except AlreadyExistsError:
             # Someone committed the same chainID meanwhile (outside our lock, e.g. another tool): reuse theirs.
             self._discard(key)
+        except BaseException:
+            self._discard(key)
+            raise
 
     def _discard(self, key: str) -> None:
         with contextlib.suppress(CargoholdError, OSError):

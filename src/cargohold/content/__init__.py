@@ -1,0 +1,2 @@
+"""The content store: blobs by digest (``store`` says what one is; ``local`` keeps files, ``namespaced``
+adds namespaces and labels from the metadata DB)."""

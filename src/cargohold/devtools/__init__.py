@@ -1,0 +1,1 @@
+"""Developer tooling shipped with the package: a local registry, sample images, the demo and the benchmark."""

@@ -1,0 +1,113 @@
+"""The download loop: stream a blob from a registry into a content store ingest, resuming when cut off."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Protocol, Self
+
+from cargohold.content.store import Ingester
+from cargohold.errors import AlreadyExistsError, UnavailableError
+from cargohold.oci import mediatypes as mt
+from cargohold.oci.descriptor import Descriptor
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+class ChunkStream(Protocol):
+    """What a fetcher opens: chunks of bytes; closed after use."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class BlobFetcher(Protocol):
+    """``remotes.resolver.Fetcher`` or anything that opens a descriptor's bytes from an offset."""
+
+    def fetch(self, desc: Descriptor, *, offset: int = 0) -> ChunkStream: ...
+
+
+def ingest_ref(desc: Descriptor) -> str:
+    """The ingest ref of a download, after containerd's MakeRefKey: ``layer-<digest>``, ``manifest-...``."""
+    mtype = desc.media_type
+    if mt.is_manifest(mtype) or mtype in mt.SCHEMA1_TYPES:
+        kind = "manifest"
+    elif mt.is_index(mtype):
+        kind = "index"
+    elif mt.is_layer(mtype) or "layer" in mtype:
+        kind = "layer"
+    elif mt.is_config(mtype) or mtype.endswith("config.v1+json"):
+        kind = "config"
+    else:
+        kind = "unknown"
+    return f"{kind}-{desc.digest}"
+
+
+def fetch_blob(
+    fetcher: BlobFetcher,
+    ingester: Ingester,
+    desc: Descriptor,
+    *,
+    ref: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    progress: ProgressFn | None = None,
+    max_resumes: int = 5,
+) -> None:
+    """Download ``desc`` into the store and commit it, verified against its digest and size.
+
+    A blob already in the store is done (AlreadyExistsError from the ingester is swallowed). A partial
+    ingest of the same ref (an earlier run cut off) is resumed from its offset. A connection lost mid-body
+    is reopened at the writer's offset with ``Range`` up to ``max_resumes`` times. On a digest or size
+    mismatch nothing is committed and DigestMismatchError / SizeMismatchError names the digest.
+    ``progress(done, total)`` is called as bytes arrive.
+    """
+    ref = ref or ingest_ref(desc)
+    try:
+        writer = ingester.writer(ref, expected=desc.digest, total=desc.size)
+    except AlreadyExistsError:
+        return
+    with writer:
+        if writer.offset > desc.size:
+            writer.truncate(0)  # a leftover longer than the blob can only be garbage
+        if writer.offset and progress is not None:
+            progress(writer.offset, desc.size)
+        resumes = 0
+        while writer.offset < desc.size:
+            start = writer.offset
+            try:
+                with fetcher.fetch(desc, offset=start) as stream:
+                    for chunk in stream:
+                        writer.write(chunk)
+                        if progress is not None:
+                            progress(min(writer.offset, desc.size), desc.size)
+                        if writer.offset > desc.size:
+                            break  # more bytes than announced: commit below reports the size mismatch
+            except UnavailableError as exc:
+                if writer.offset > start:
+                    resumes_left = max_resumes - resumes
+                    log.info("%s: %s; resuming at byte %d (%d resumes left)", desc.digest, exc, writer.offset,
+                             resumes_left)
+                if resumes >= max_resumes:
+                    raise UnavailableError(f"{desc.digest}: gave up after {resumes} resumes: {exc}") from exc
+                resumes += 1
+                continue
+            if writer.offset == start and writer.offset < desc.size:
+                # The body ended early without an error: count it as a cut and try again.
+                if resumes >= max_resumes:
+                    raise UnavailableError(
+                        f"{desc.digest}: registry sent {writer.offset} of {desc.size} bytes, then nothing"
+                    )
+                resumes += 1
+            if writer.offset > desc.size:
+                break
+        writer.commit(desc.size, desc.digest, labels=dict(labels) if labels else None)

@@ -1,0 +1,377 @@
+"""Resolve image references to descriptors and fetch content, over every host configured for a registry.
+
+>>> resolver = Resolver()
+>>> name, desc = resolver.resolve("127.0.0.1:5000/app:v1")  # doctest: +SKIP
+>>> with resolver.fetcher(name).fetch(desc) as stream:  # doctest: +SKIP
+...     data = b"".join(stream)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from urllib3.exceptions import HTTPError
+
+from cargohold.errors import (
+    CargoholdError,
+    DigestMismatchError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+)
+from cargohold.events import Event, EventSink, discard
+from cargohold.oci import mediatypes as mt
+from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.digest import Digest
+from cargohold.oci.reference import Reference
+from cargohold.remotes.auth import Authorizer, CredentialStore, pull_scope
+from cargohold.remotes.errors import registry_error
+from cargohold.remotes.hosts import RegistryHost, registry_hosts
+from cargohold.remotes.http import DEFAULT_USER_AGENT, Response, RetryPolicy, Transport, discard_response
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_SIZE = 4 << 20
+CHUNK_SIZE = 1 << 20
+_GENERIC_TYPES = frozenset({"", "application/json", "text/plain", "application/octet-stream"})
+
+
+def _is_manifest_type(media_type: str) -> bool:
+    return mt.is_manifest(media_type) or mt.is_index(media_type) or media_type in mt.SCHEMA1_TYPES
+
+
+def _schema1_error(what: str) -> UnsupportedMediaTypeError:
+    return UnsupportedMediaTypeError(
+        f"{what}: Docker image manifest schema1 is not supported; push the image again with a current "
+        "docker or buildkit (schema2/OCI)"
+    )
+
+
+def _too_large(what: str, size: int, limit: int) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{what}: manifest is {size} bytes, larger than the {limit // (1 << 20)} MiB limit")
+
+
+class Resolver:
+    """Talks to registries for one client: hosts from ``hosts_dir``, credentials, retries, token cache.
+
+    Thread-safe; share one per pull (or per process).
+    """
+
+    def __init__(
+        self,
+        *,
+        hosts_dir: Path | None = None,
+        credentials: CredentialStore | None = None,
+        plain_http: bool = False,
+        user_agent: str = DEFAULT_USER_AGENT,
+        retries: RetryPolicy | int | None = None,
+        on_event: EventSink | None = None,
+        transport: Transport | None = None,
+        max_manifest_size: int = MAX_MANIFEST_SIZE,
+    ) -> None:
+        self.hosts_dir = Path(hosts_dir) if hosts_dir is not None else None
+        self.plain_http = plain_http
+        self.on_event: EventSink = on_event or discard
+        if isinstance(retries, int):
+            retries = RetryPolicy(attempts=retries)
+        self.transport = transport or Transport(user_agent=user_agent, retries=retries, on_event=self.on_event)
+        self.authorizer = Authorizer(self.transport, credentials)
+        self.max_manifest_size = max_manifest_size
+
+    def hosts(self, namespace: str) -> list[RegistryHost]:
+        """The hosts for a registry, mirrors first (re-read each time: editing hosts.toml needs no restart)."""
+        return registry_hosts(namespace, hosts_dir=self.hosts_dir, plain_http=self.plain_http)
+
+    def request(
+        self,
+        host: RegistryHost,
+        method: str,
+        suffix: str,
+        *,
+        repository: str,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        actions: tuple[str, ...] = ("pull",),
+    ) -> Response:
+        """One authorized request to ``<host path>/<suffix>``; 401 challenges are answered here."""
+        url = host.url(suffix)
+        base = dict(headers or {})
+
+        def do(auth: Mapping[str, str]) -> Response:
+            return self.transport.request(method, url, host=host, headers={**base, **auth}, stream=stream)
+
+        return self.authorizer.send(host, [pull_scope(repository, *actions)], do, repository=repository)
+
+    def _emit(self, status: str, host: RegistryHost, message: str) -> None:
+        self.on_event(Event(action="host", status=status, item=host.describe(), message=message))
+
+    # -- resolve ---------------------------------------------------------------------------------------------
+
+    def resolve(self, ref: Reference | str) -> tuple[str, Descriptor]:
+        """The manifest or index descriptor a reference points at, from the first host that knows it.
+
+        Hosts with the ``resolve`` capability are asked in order; the last error is raised when none
+        answers (NotFoundError naming the ref and the registry's code, UnauthorizedError, ...).
+        """
+        reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
+        hosts = [h for h in self.hosts(reference.domain) if h.can("resolve")]
+        if not hosts:
+            raise FailedPreconditionError(f"{reference}: no host for {reference.domain} has the resolve capability")
+        last: CargoholdError | None = None
+        for host in hosts:
+            log.info("resolving %s on %s", reference, host.describe())
+            self._emit("running", host, f"resolve {reference}")
+            try:
+                desc = self._resolve_on(host, reference)
+            except UnsupportedMediaTypeError:
+                raise
+            except CargoholdError as exc:
+                log.info("resolving %s on %s failed: %s", reference, host.describe(), exc)
+                self._emit("error", host, str(exc))
+                last = exc
+                continue
+            self._emit("done", host, f"{reference} -> {desc.digest}")
+            return str(reference), desc
+        assert last is not None
+        raise last
+
+    def _resolve_on(self, host: RegistryHost, ref: Reference) -> Descriptor:
+        what = str(ref)
+        suffix = f"{ref.path}/manifests/{ref.object}"
+        headers = {"Accept": mt.MANIFEST_ACCEPT}
+        resp = self.request(host, "HEAD", suffix, repository=ref.path, headers=headers)
+        discard_response(resp)
+        if resp.status == 200:
+            desc = self._from_head(resp, ref, what)
+            if desc is not None:
+                return desc
+        # A refused HEAD (405 and the like), missing headers, or a 404 whose error code only a GET's body
+        # carries: ask with GET.
+        resp = self.request(host, "GET", suffix, repository=ref.path, headers=headers, stream=True)
+        try:
+            if resp.status != 200:
+                raise registry_error(host.host, resp.status, resp.data, what=what, repository=ref.path)
+            raw = self._read_capped(resp, what)
+        finally:
+            discard_response(resp)
+        media_type = _media_type(resp.headers.get("Content-Type"))
+        media_type = _sniff_media_type(raw, media_type, what)
+        algorithm = ref.digest.algorithm if ref.digest is not None else "sha256"
+        actual = Digest.from_bytes(raw, algorithm)
+        if ref.digest is not None and actual != ref.digest:
+            raise DigestMismatchError(ref.digest, actual, what=f"manifest {what} from {host.host}")
+        return Descriptor(media_type=media_type, digest=actual, size=len(raw))
+
+    def _from_head(self, resp: Response, ref: Reference, what: str) -> Descriptor | None:
+        media_type = _media_type(resp.headers.get("Content-Type"))
+        if media_type in mt.SCHEMA1_TYPES:
+            raise _schema1_error(what)
+        length = resp.headers.get("Content-Length")
+        header_digest = resp.headers.get("Docker-Content-Digest")
+        if media_type in _GENERIC_TYPES or length is None or not length.isdigit():
+            return None
+        size = int(length)
+        if size > self.max_manifest_size:
+            raise _too_large(what, size, self.max_manifest_size)
+        if ref.digest is not None:
+            return Descriptor(media_type=media_type, digest=ref.digest, size=size)
+        if not header_digest:
+            return None
+        try:
+            digest = Digest.parse(header_digest)
+        except InvalidArgumentError:
+            return None
+        return Descriptor(media_type=media_type, digest=digest, size=size)
+
+    def _read_capped(self, resp: Response, what: str) -> bytes:
+        limit = self.max_manifest_size
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _too_large(what, int(length), limit)
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            for chunk in resp.stream(CHUNK_SIZE):
+                total += len(chunk)
+                if total > limit:
+                    raise _too_large(what, total, limit)
+                chunks.append(chunk)
+        except HTTPError as exc:
+            raise UnavailableError(f"{what}: connection lost reading the manifest: {exc}") from exc
+        return b"".join(chunks)
+
+    # -- fetch -----------------------------------------------------------------------------------------------
+
+    def fetcher(self, ref: Reference | str) -> Fetcher:
+        """A fetcher for the blobs and manifests of ``ref``'s repository."""
+        reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
+        hosts = [h for h in self.hosts(reference.domain) if h.can("pull")]
+        if not hosts:
+            raise FailedPreconditionError(f"{reference}: no host for {reference.domain} has the pull capability")
+        return Fetcher(self, reference, hosts)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class Fetcher:
+    """Fetches content of one repository, trying each pull-capable host in order."""
+
+    def __init__(self, resolver: Resolver, ref: Reference, hosts: list[RegistryHost]) -> None:
+        self.resolver = resolver
+        self.ref = ref
+        self.hosts = hosts
+
+    def fetch(self, desc: Descriptor, *, offset: int = 0) -> BlobStream:
+        """Open ``desc``'s bytes from ``offset`` on; iterate the result for chunks, then close it.
+
+        Manifests and indexes come from ``/manifests/<digest>``, everything else from ``/blobs/<digest>``.
+        ``offset`` > 0 sends ``Range: bytes=offset-``; a server that ignores it is handled by skipping.
+        A host that fails (not found, unauthorized, unreachable) makes way for the next; the last error
+        is raised.
+        """
+        what = f"{self.ref.name}@{desc.digest}"
+        if offset < 0 or (offset > desc.size and desc.size > 0):
+            raise InvalidArgumentError(f"{what}: offset {offset} outside the blob's {desc.size} bytes")
+        manifest = _is_manifest_type(desc.media_type)
+        if manifest and desc.size > self.resolver.max_manifest_size:
+            raise _too_large(what, desc.size, self.resolver.max_manifest_size)
+        if desc.media_type in mt.SCHEMA1_TYPES:
+            raise _schema1_error(what)
+        kind = "manifests" if manifest else "blobs"
+        headers: dict[str, str] = {}
+        if manifest:
+            headers["Accept"] = ", ".join(dict.fromkeys([desc.media_type, mt.MANIFEST_ACCEPT]))
+        if offset > 0:
+            headers["Range"] = f"bytes={offset}-"
+        last: CargoholdError | None = None
+        for host in self.hosts:
+            log.debug("fetching %s from %s (offset %d)", what, host.describe(), offset)
+            try:
+                resp = self.resolver.request(host, "GET", f"{self.ref.path}/{kind}/{desc.digest}",
+                                             repository=self.ref.path, headers=headers, stream=True)
+            except CargoholdError as exc:
+                last = exc
+                self.resolver._emit("error", host, f"fetch {desc.digest}: {exc}")
+                continue
+            if resp.status in (200, 206):
+                try:
+                    return BlobStream(resp, host=host, what=what, offset=offset, partial=resp.status == 206)
+                except BaseException:
+                    discard_response(resp)
+                    raise
+            body = resp.data
+            discard_response(resp)
+            last = registry_error(host.host, resp.status, body, what=what, repository=self.ref.path)
+            log.info("fetching %s from %s failed: %s", what, host.describe(), last)
+            self.resolver._emit("error", host, f"fetch {desc.digest}: {last}")
+        assert last is not None
+        raise last
+
+
+class BlobStream:
+    """The bytes of one blob from ``offset`` on, as an iterator of chunks. Close it (or use ``with``).
+
+    A connection lost mid-body raises UnavailableError naming the host, digest and position, so the
+    caller can reopen at its offset.
+    """
+
+    def __init__(self, resp: Response, *, host: RegistryHost, what: str, offset: int, partial: bool) -> None:
+        self._resp = resp
+        self.host = host
+        self.what = what
+        self.offset = offset
+        self.position = offset
+        self._skip = 0
+        self._done = False
+        if offset > 0 and partial:
+            start = _content_range_start(resp.headers.get("Content-Range"))
+            if start != offset:
+                raise UnavailableError(
+                    f"{host.host}: {what}: asked for bytes from {offset}, got Content-Range "
+                    f"{resp.headers.get('Content-Range')!r}"
+                )
+        elif offset > 0:
+            self._skip = offset  # the server ignored Range and sends everything
+
+    def __iter__(self) -> Iterator[bytes]:
+        resp = self._resp
+        try:
+            for chunk in resp.stream(CHUNK_SIZE):
+                if self._skip:
+                    if len(chunk) <= self._skip:
+                        self._skip -= len(chunk)
+                        continue
+                    chunk = chunk[self._skip:]
+                    self._skip = 0
+                self.position += len(chunk)
+                yield chunk
+        except HTTPError as exc:
+            raise UnavailableError(
+                f"{self.host.host}: connection lost fetching {self.what} at byte {self.position}: {exc}"
+            ) from exc
+        if self._skip:
+            raise UnavailableError(f"{self.host.host}: {self.what}: body ended before byte {self.offset}")
+        self._done = True
+
+    def close(self) -> None:
+        """Give the connection back when the body was read to the end, else close it (not drain it)."""
+        resp = self._resp
+        if self._done:
+            resp.release_conn()
+            return
+        try:
+            resp.close()
+        finally:
+            resp.release_conn()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _content_range_start(value: str | None) -> int | None:
+    if not value or not value.startswith("bytes "):
+        return None
+    first = value[6:].split("-", 1)[0].strip()
+    return int(first) if first.isdigit() else None
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def _sniff_media_type(raw: bytes, header_type: str, what: str) -> str:
+    """The media type of a manifest: the header's unless generic, else the document's own."""
+    if header_type in mt.SCHEMA1_TYPES:
+        raise _schema1_error(what)
+    if header_type not in _GENERIC_TYPES:
+        return header_type
+    try:
+        doc: Any = json.loads(raw)
+    except ValueError:
+        raise InvalidArgumentError(f"{what}: manifest is not JSON (Content-Type {header_type or 'none'})") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgumentError(f"{what}: manifest is not a JSON object")
+    if doc.get("schemaVersion") == 1:
+        raise _schema1_error(what)
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and declared:
+        if declared in mt.SCHEMA1_TYPES:
+            raise _schema1_error(what)
+        return declared
+    if "manifests" in doc:
+        return mt.OCI_INDEX
+    if "config" in doc or "layers" in doc:
+        return mt.OCI_MANIFEST
+    raise UnsupportedMediaTypeError(f"{what}: cannot tell the manifest's media type (Content-Type {header_type!r})")

@@ -1,0 +1,78 @@
+"""``make bench`` at a tiny size: both tools pull and unpack the generated image, the bench prints ratios and
+leaves nothing mounted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cargohold.devtools import bench, samples
+
+needs_containerd = pytest.mark.skipif(
+    not (shutil.which("ctr") and shutil.which("containerd")),
+    reason="needs containerd and ctr (Debian package containerd)",
+)
+needs_registry = pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs docker-registry")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a fresh filesystem per run")
+
+
+def _bench_mounts() -> list[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [line.split()[4] for line in f if "cargohold-bench-" in line.split()[4]]
+
+
+def test_generated_files_are_deterministic_small_and_compressible() -> None:
+    a = bench.generate_files(5, 2 << 20, "layer0")
+    b = bench.generate_files(5, 2 << 20, "layer0")
+    assert a == b
+    assert bench.generate_files(6, 2 << 20, "layer0") != a
+    sizes = [len(d) for d in a.values()]
+    assert 1024 <= min(sizes) and max(sizes) <= 32 * 1024
+    assert sum(sizes) >= 2 << 20
+    assert 100 < len(a) < 1000
+    tar = samples.files_layer(a)
+    ratio = len(tar) / len(samples.gzip_bytes(tar))
+    assert 1.8 < ratio < 4.0
+
+
+@needs_root
+@needs_registry
+@needs_containerd
+def test_bench_runs_both_tools_and_prints_ratio() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cargohold.devtools.bench", "--size-mb", "4", "--runs", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert re.search(r"^run 1 cargohold +[\d.]+s .*ok: 4 snapshots, \d+ files$", out, re.M), out
+    assert re.search(r"^run 1 ctr +[\d.]+s .*ok: 4 snapshots, \d+ files$", out, re.M), out
+    assert re.search(r"^median cargohold +[\d.]+s$", out, re.M), out
+    assert re.search(r"^median ctr +[\d.]+s$", out, re.M), out
+    assert re.search(r"^ratio cargohold/ctr \(median\): \d+\.\d\dx$", out, re.M), out
+    assert _bench_mounts() == []
+
+
+@needs_root
+@needs_registry
+@needs_containerd
+def test_bench_json_output_on_tmpfs() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cargohold.devtools.bench", "--size-mb", "2", "--layers", "2", "--runs", "1",
+         "--fs", "tmpfs", "--output", "json"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["config"]["fs"] == "tmpfs"
+    assert [(r["tool"], r["snapshots"], r["files"]) for r in report["runs"]] == [
+        ("cargohold", 2, report["image"]["files"]), ("ctr", 2, report["image"]["files"])]
+    medians = report["median_seconds"]
+    assert report["ratio"] == pytest.approx(medians["cargohold"] / medians["ctr"])
+    assert _bench_mounts() == []
