@@ -3,12 +3,14 @@ leaves nothing mounted."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +78,21 @@ def test_bench_json_output_on_tmpfs() -> None:
     medians = report["median_seconds"]
     assert report["ratio"] == pytest.approx(medians["cargohold"] / medians["ctr"])
     assert _bench_mounts() == []
+
+
+def test_scan_tree_counts_files_and_names_wrong_or_missing_probes(tmp_path: Path) -> None:
+    files = bench.generate_files(9, 64 << 10, "layer0")
+    paths = sorted(files)
+    for i, path in enumerate(paths):
+        target = tmp_path / str(i % 2 + 1) / "fs" / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(files[path])
+    probes = {p: hashlib.sha256(files[p]).hexdigest() for p in paths[:3]}
+    tree = bench.scan_tree(tmp_path, probes)
+    assert (tree.files, tree.file_bytes, tree.bad) == (len(files), sum(map(len, files.values())), ())
+
+    (tmp_path / "1" / "fs" / paths[0]).write_bytes(b"other bytes")
+    (tmp_path / "2" / "fs" / paths[1]).unlink()
+    tree = bench.scan_tree(tmp_path, probes)
+    assert tree.files == len(files) - 1
+    assert tree.bad == (paths[0], paths[1])

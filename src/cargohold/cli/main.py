@@ -312,7 +312,7 @@ def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...
     """Say whether each image has every blob it needs; exit 1 when one is incomplete."""
     client = state.client()
     targets = list(names) or [i.name for i in client.list_images()]
-    results = []
+    results: list[dict[str, Any]] = []
     for n in targets:
         res = client.check(n, platforms=platforms, all_platforms=all_platforms)
         plat = platforms[0] if platforms else None

@@ -94,6 +94,8 @@ class ProgressRenderer:
             self._progress.update(task, description=f"{short} ERROR")
 
     def _line(self, event: Event) -> None:
+        if event.action == "host" and event.status != "error":
+            return  # which registry host answered: --debug logs it
         if event.status == "running" and event.action in ("fetch", "apply", "push", "export") and event.current:
             return  # plain output: one line per item state, not per chunk
         parts = [event.action, event.status]

@@ -72,13 +72,27 @@ def main() -> None:
             for name, ref in refs.items():
                 print(f"pushed {name}: {ref}")
             _run(["pull", refs["app"]], root)
+            # Same diffIDs, other compression: the snapshots are reused, yet every blob is fetched.
             _run(["pull", refs["app-zstd"]], root)
-            _run(["pull", "--platform", "linux/arm64", refs["multi"]], root)
-            _run(["pull", refs["legacy"], "--output", "json"], root)
+            _run(["pull", "--no-unpack", "--platform", "linux/arm64", refs["multi"]], root)
+            _run(["pull", refs["legacy"], "--snapshotter", "native", "--output", "json"], root)
             _run(["images", "ls"], root)
             _run(["images", "inspect", refs["app-zstd"]], root)
-            _run(["images", "check"], root)
-            _run(["content", "ls"], root)
+            _run(["images", "check", refs["app"], refs["app-zstd"], refs["legacy"]], root)
+            _run(["images", "check", "--platform", "linux/arm64", refs["multi"], "--output", "json"], root)
+            _run(["snapshots", "tree"], root)
+            _run(["unpack", refs["app"], "--snapshotter", "native"], root)
+            flat = work / "rootfs"
+            _run(["rootfs", refs["app"], str(flat)], root)
+            print(f"rootfs: {sum(1 for _ in flat.rglob('*'))} entries under {flat}; etc/os-release: "
+                  f"{(flat / 'etc' / 'os-release').read_text().splitlines()[0]}")
+            mnt = work / "mnt"
+            mnt.mkdir()
+            _run(["mount", refs["app-zstd"], str(mnt)], root)
+            try:
+                print(f"mounted {mnt}: {sorted(p.name for p in mnt.iterdir())}")
+            finally:
+                _run(["unmount", str(mnt)], root)
         print(f"\ndemo done; data root: {root}" + ("" if keep else " (temporary, removed)"))
     finally:
         if not keep:

@@ -197,7 +197,7 @@ class Resolver:
         chunks: list[bytes] = []
         total = 0
         try:
-            for chunk in resp.stream(CHUNK_SIZE):
+            for chunk in _chunks(resp):
                 total += len(chunk)
                 if total > limit:
                     raise _too_large(what, total, limit)
@@ -303,7 +303,7 @@ class BlobStream:
     def __iter__(self) -> Iterator[bytes]:
         resp = self._resp
         try:
-            for chunk in resp.stream(CHUNK_SIZE):
+            for chunk in _chunks(resp):
                 if self._skip:
                     if len(chunk) <= self._skip:
                         self._skip -= len(chunk)
@@ -338,6 +338,16 @@ class BlobStream:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _chunks(resp: Response) -> Iterator[bytes]:
+    """The body as it arrives. ``read1`` hands over every byte received before a connection drops, so a
+    resume starts exactly where the data stopped (``stream()`` would lose the last partial read)."""
+    while True:
+        chunk = resp.read1(CHUNK_SIZE)
+        if not chunk:
+            return
+        yield chunk
 
 
 def _content_range_start(value: str | None) -> int | None:
