@@ -8,7 +8,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have docker-registry || need="$need docker-registry"
 have htpasswd || need="$need apache2-utils"
 have mount || need="$need mount"
-if [ "$what" = bench ]; then
+if [ "$what" = bench ] || [ "$what" = test ]; then
   have ctr || need="$need containerd"
   have skopeo || need="$need skopeo"
   have umoci || need="$need umoci"

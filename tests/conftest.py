@@ -3,10 +3,8 @@ and a fault-injecting proxy. A registry starts in ~20 ms, so each test gets fres
 
 from __future__ import annotations
 
-import base64
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,9 +16,6 @@ for _p in (str(_TESTS), str(_TESTS.parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from support.faultproxy import FaultProxy  # noqa: E402
-from support.token_issuer import TokenIssuer  # noqa: E402
-
 from cargohold.devtools.registry import (  # noqa: E402
     RegistryProcess,
     find_registry_binary,
@@ -28,6 +23,9 @@ from cargohold.devtools.registry import (  # noqa: E402
     start_registry,
 )
 from cargohold.errors import NotFoundError  # noqa: E402
+from support import BasicAuthRegistry, TokenRegistry  # noqa: E402
+from support.faultproxy import FaultProxy  # noqa: E402
+from support.token_issuer import TokenIssuer  # noqa: E402
 
 
 def _require_registry() -> None:
@@ -61,35 +59,11 @@ def make_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
         reg.stop()
 
 
-@dataclass(frozen=True)
-class BasicAuthRegistry:
-    registry: RegistryProcess
-    user: str
-    password: str
-
-    @property
-    def auth_header(self) -> str:
-        return "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-
-
 @pytest.fixture
 def basic_registry(make_registry: Callable[..., RegistryProcess], tmp_path: Path) -> BasicAuthRegistry:
     """A registry behind htpasswd Basic auth with one user (``alice`` / ``s3cret-pw``)."""
     htpasswd = make_htpasswd(tmp_path / "htpasswd", "alice", "s3cret-pw")
     return BasicAuthRegistry(registry=make_registry(htpasswd=htpasswd), user="alice", password="s3cret-pw")
-
-
-@dataclass(frozen=True)
-class TokenRegistry:
-    registry: RegistryProcess
-    issuer: TokenIssuer
-    user: str
-    password: str
-
-    def auth_header(self, repo: str, actions: str = "pull,push") -> str:
-        """A bearer header for seeding ``repo`` directly (push needs more than anonymous pull)."""
-        token = self.issuer.make_token(self.user, [f"repository:{repo}:{actions}"], anonymous=False)
-        return "Bearer " + token
 
 
 @pytest.fixture
@@ -101,8 +75,12 @@ def make_token_registry(
     issuers: list[TokenIssuer] = []
 
     def make(*, allow_anonymous: bool = True, expires_in: int = 300) -> TokenRegistry:
-        issuer = TokenIssuer(tmp_path_factory.mktemp("token"), users={"bob": "t0ken-pw"},
-                             allow_anonymous=allow_anonymous, expires_in=expires_in).start()
+        issuer = TokenIssuer(
+            tmp_path_factory.mktemp("token"),
+            users={"bob": "t0ken-pw"},
+            allow_anonymous=allow_anonymous,
+            expires_in=expires_in,
+        ).start()
         issuers.append(issuer)
         reg = make_registry(token=issuer.token_auth())
         return TokenRegistry(registry=reg, issuer=issuer, user="bob", password="t0ken-pw")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.faultproxy import FaultProxy
 
 from cargohold.content.local import LocalStore
 from cargohold.devtools.registry import RegistryProcess, free_port, push_blob, push_manifest, start_registry
@@ -43,6 +42,8 @@ from cargohold.remotes.fetch import fetch_blob, ingest_ref
 from cargohold.remotes.hosts import load_hosts_toml, registry_hosts
 from cargohold.remotes.http import RetryPolicy
 from cargohold.remotes.resolver import Resolver
+from support import BasicAuthRegistry, TokenRegistry
+from support.faultproxy import FaultProxy
 
 # -- a small image, built here -------------------------------------------------------------------------------
 
@@ -67,7 +68,9 @@ class Img:
 
     @property
     def config_desc(self) -> Descriptor:
-        return Descriptor(media_type=mt.OCI_CONFIG, digest=Digest.from_bytes(self.config), size=len(self.config))
+        return Descriptor(
+            media_type=mt.OCI_CONFIG, digest=Digest.from_bytes(self.config), size=len(self.config)
+        )
 
 
 def make_image(seed: int = 1, layer_sizes: tuple[int, ...] = (3000, 300_000)) -> Img:
@@ -78,8 +81,10 @@ def make_image(seed: int = 1, layer_sizes: tuple[int, ...] = (3000, 300_000)) ->
         "schemaVersion": 2,
         "mediaType": mt.OCI_MANIFEST,
         "config": {"mediaType": mt.OCI_CONFIG, "digest": str(Digest.from_bytes(config)), "size": len(config)},
-        "layers": [{"mediaType": mt.OCI_LAYER_GZIP, "digest": str(Digest.from_bytes(b)), "size": len(b)}
-                   for b in layers],
+        "layers": [
+            {"mediaType": mt.OCI_LAYER_GZIP, "digest": str(Digest.from_bytes(b)), "size": len(b)}
+            for b in layers
+        ],
     }
     return Img(manifest=json.dumps(doc, indent=1).encode(), config=config, layers=layers)
 
@@ -110,7 +115,7 @@ def assert_stored(store: LocalStore, img: Img) -> None:
 
 ProxyFactory = Callable[[RegistryProcess], FaultProxy]
 
-# -- resolve --------------------------------------------------------------------------------------------------
+# -- resolve -------------------------------------------------------------------------------------------------
 
 
 def test_resolve_by_tag_uses_head_only(registry: RegistryProcess, fault_proxy: ProxyFactory) -> None:
@@ -125,7 +130,9 @@ def test_resolve_by_tag_uses_head_only(registry: RegistryProcess, fault_proxy: P
     assert mt.OCI_INDEX in seen[0].headers["accept"] and mt.DOCKER_MANIFEST in seen[0].headers["accept"]
 
 
-def test_resolve_falls_back_to_get_when_head_is_refused(registry: RegistryProcess, fault_proxy: ProxyFactory) -> None:
+def test_resolve_falls_back_to_get_when_head_is_refused(
+    registry: RegistryProcess, fault_proxy: ProxyFactory
+) -> None:
     img = make_image()
     seed(registry, "app", "v1", img)
     proxy = fault_proxy(registry)
@@ -157,7 +164,9 @@ def test_resolve_by_digest(registry: RegistryProcess) -> None:
     assert both.digest == img.digest
 
 
-def test_resolve_by_digest_with_get_verifies_the_bytes(registry: RegistryProcess, fault_proxy: ProxyFactory) -> None:
+def test_resolve_by_digest_with_get_verifies_the_bytes(
+    registry: RegistryProcess, fault_proxy: ProxyFactory
+) -> None:
     img = make_image()
     other = make_image(seed=2)
     seed(registry, "app", "v1", img)
@@ -165,8 +174,13 @@ def test_resolve_by_digest_with_get_verifies_the_bytes(registry: RegistryProcess
     proxy = fault_proxy(registry)
     proxy.add_fault(r"/manifests/", method="HEAD", status=405, times=5)
     # The proxy answers the GET for img's digest with other's manifest: a lying registry.
-    proxy.add_fault(rf"/manifests/{img.digest}", method="GET", status=200, body=other.manifest,
-                    headers={"Content-Type": mt.OCI_MANIFEST})
+    proxy.add_fault(
+        rf"/manifests/{img.digest}",
+        method="GET",
+        status=200,
+        body=other.manifest,
+        headers={"Content-Type": mt.OCI_MANIFEST},
+    )
     with pytest.raises(DigestMismatchError, match=img.digest.hex):
         Resolver().resolve(f"{proxy.host}/app@{img.digest}")
 
@@ -183,26 +197,50 @@ def test_missing_tag_and_repository_are_not_found(registry: RegistryProcess) -> 
 
 def test_schema1_is_refused_clearly(registry: RegistryProcess, fault_proxy: ProxyFactory) -> None:
     proxy = fault_proxy(registry)
-    proxy.add_fault(r"/manifests/", method="HEAD", status=200, body=b"{}" * 50,
-                    headers={"Content-Type": mt.DOCKER_MANIFEST_SCHEMA1_SIGNED,
-                             "Docker-Content-Digest": str(Digest.from_bytes(b"x"))})
+    proxy.add_fault(
+        r"/manifests/",
+        method="HEAD",
+        status=200,
+        body=b"{}" * 50,
+        headers={
+            "Content-Type": mt.DOCKER_MANIFEST_SCHEMA1_SIGNED,
+            "Docker-Content-Digest": str(Digest.from_bytes(b"x")),
+        },
+    )
     with pytest.raises(UnsupportedMediaTypeError, match=r"old/app:v1: .*schema1 is not supported"):
         Resolver().resolve(f"{proxy.host}/old/app:v1")
 
 
 def test_manifests_over_4_mib_are_refused(registry: RegistryProcess, fault_proxy: ProxyFactory) -> None:
-    big = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "layers": [],
-                      "annotations": {"pad": "x" * (4 << 20)}}).encode()
+    big = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "layers": [],
+            "annotations": {"pad": "x" * (4 << 20)},
+        }
+    ).encode()
     proxy = fault_proxy(registry)
     # HEAD announces the size: refused before any body is read.
-    proxy.add_fault(r"/manifests/", method="HEAD", status=200, body=big,
-                    headers={"Content-Type": mt.OCI_MANIFEST, "Docker-Content-Digest": str(Digest.from_bytes(big))})
-    with pytest.raises(InvalidArgumentError, match=r"huge:v1: manifest is \d+ bytes, larger than the 4 MiB limit"):
+    proxy.add_fault(
+        r"/manifests/",
+        method="HEAD",
+        status=200,
+        body=big,
+        headers={"Content-Type": mt.OCI_MANIFEST, "Docker-Content-Digest": str(Digest.from_bytes(big))},
+    )
+    with pytest.raises(
+        InvalidArgumentError, match=r"huge:v1: manifest is \d+ bytes, larger than the 4 MiB limit"
+    ):
         Resolver().resolve(f"{proxy.host}/huge:v1")
     # GET fallback with the body streamed: cut at the cap.
     proxy.add_fault(r"/manifests/", method="HEAD", status=405)
-    proxy.add_fault(r"/manifests/", method="GET", status=200, body=big, headers={"Content-Type": mt.OCI_MANIFEST})
-    with pytest.raises(InvalidArgumentError, match=r"huge:v2: manifest is \d+ bytes, larger than the 4 MiB limit"):
+    proxy.add_fault(
+        r"/manifests/", method="GET", status=200, body=big, headers={"Content-Type": mt.OCI_MANIFEST}
+    )
+    with pytest.raises(
+        InvalidArgumentError, match=r"huge:v2: manifest is \d+ bytes, larger than the 4 MiB limit"
+    ):
         Resolver().resolve(f"{proxy.host}/huge:v2")
     # And a fetch by descriptor.
     desc = Descriptor(media_type=mt.OCI_MANIFEST, digest=Digest.from_bytes(big), size=len(big))
@@ -210,10 +248,12 @@ def test_manifests_over_4_mib_are_refused(registry: RegistryProcess, fault_proxy
         Resolver().fetcher(f"{proxy.host}/huge:v3").fetch(desc)
 
 
-# -- fetch -----------------------------------------------------------------------------------------------------
+# -- fetch ---------------------------------------------------------------------------------------------------
 
 
-def test_fetch_everything_and_ingest_refs(registry: RegistryProcess, fault_proxy: ProxyFactory, tmp_path: Path) -> None:
+def test_fetch_everything_and_ingest_refs(
+    registry: RegistryProcess, fault_proxy: ProxyFactory, tmp_path: Path
+) -> None:
     img = make_image()
     seed(registry, "app", "v1", img)
     proxy = fault_proxy(registry)
@@ -232,8 +272,9 @@ def test_fetch_everything_and_ingest_refs(registry: RegistryProcess, fault_proxy
     assert len(proxy.requests) == before
 
 
-def test_dropped_connection_resumes_with_range(registry: RegistryProcess, fault_proxy: ProxyFactory,
-                                               tmp_path: Path) -> None:
+def test_dropped_connection_resumes_with_range(
+    registry: RegistryProcess, fault_proxy: ProxyFactory, tmp_path: Path
+) -> None:
     img = make_image(layer_sizes=(2_000_000,))
     seed(registry, "app", "v1", img)
     layer = img.layer_desc(0)
@@ -241,8 +282,12 @@ def test_dropped_connection_resumes_with_range(registry: RegistryProcess, fault_
     proxy.add_fault(rf"/blobs/{layer.digest}", method="GET", cut_after=700_000, times=2)
     store = LocalStore(tmp_path / "store")
     progress: list[tuple[int, int]] = []
-    fetch_blob(Resolver().fetcher(f"{proxy.host}/app:v1"), store, layer,
-               progress=lambda done, total: progress.append((done, total)))
+    fetch_blob(
+        Resolver().fetcher(f"{proxy.host}/app:v1"),
+        store,
+        layer,
+        progress=lambda done, total: progress.append((done, total)),
+    )
     assert store.read_all(layer.digest) == img.layers[0]
     ranges = [r.range for r in proxy.seen(method="GET", path=f"/blobs/{layer.digest}")]
     assert ranges == [None, "bytes=700000-", "bytes=1400000-"]
@@ -250,8 +295,9 @@ def test_dropped_connection_resumes_with_range(registry: RegistryProcess, fault_
     assert [done for done, _ in progress] == sorted(done for done, _ in progress)
 
 
-def test_server_ignoring_range_is_handled_by_skipping(registry: RegistryProcess, fault_proxy: ProxyFactory,
-                                                      tmp_path: Path) -> None:
+def test_server_ignoring_range_is_handled_by_skipping(
+    registry: RegistryProcess, fault_proxy: ProxyFactory, tmp_path: Path
+) -> None:
     img = make_image(layer_sizes=(1_000_000,))
     seed(registry, "app", "v1", img)
     layer = img.layer_desc(0)
@@ -264,8 +310,9 @@ def test_server_ignoring_range_is_handled_by_skipping(registry: RegistryProcess,
     assert [r.fault for r in proxy.seen(path="/blobs/")] == ["cut after 300000", "strip range"]
 
 
-def test_a_partial_ingest_left_by_an_earlier_run_is_resumed(registry: RegistryProcess, fault_proxy: ProxyFactory,
-                                                            tmp_path: Path) -> None:
+def test_a_partial_ingest_left_by_an_earlier_run_is_resumed(
+    registry: RegistryProcess, fault_proxy: ProxyFactory, tmp_path: Path
+) -> None:
     img = make_image(layer_sizes=(500_000,))
     seed(registry, "app", "v1", img)
     layer = img.layer_desc(0)
@@ -278,8 +325,9 @@ def test_a_partial_ingest_left_by_an_earlier_run_is_resumed(registry: RegistryPr
     assert [r.range for r in proxy.seen(path="/blobs/")] == ["bytes=123456-"]
 
 
-def test_too_many_cuts_give_up_and_keep_the_partial(registry: RegistryProcess, fault_proxy: ProxyFactory,
-                                                    tmp_path: Path) -> None:
+def test_too_many_cuts_give_up_and_keep_the_partial(
+    registry: RegistryProcess, fault_proxy: ProxyFactory, tmp_path: Path
+) -> None:
     img = make_image(layer_sizes=(400_000,))
     seed(registry, "app", "v1", img)
     layer = img.layer_desc(0)
@@ -316,20 +364,28 @@ def test_missing_blob_is_not_found(registry: RegistryProcess, tmp_path: Path) ->
 
 
 def test_redirects_are_followed_without_the_authorization_header(
-    make_token_registry: Callable[..., object], registry: RegistryProcess, fault_proxy: ProxyFactory,
+    make_token_registry: Callable[..., TokenRegistry],
+    registry: RegistryProcess,
+    fault_proxy: ProxyFactory,
     tmp_path: Path,
 ) -> None:
     tr = make_token_registry()
     img = make_image()
-    seed(tr.registry, "app", "v1", img, auth_header=tr.auth_header("app"))  # type: ignore[attr-defined]
+    seed(tr.registry, "app", "v1", img, auth_header=tr.auth_header("app"))
     seed(registry, "app", "v1", img)  # the "storage backend" the registry redirects to
-    front = fault_proxy(tr.registry)  # type: ignore[attr-defined]
+    front = fault_proxy(tr.registry)
     backend = fault_proxy(registry)
     layer = img.layer_desc(1)
-    front.add_fault(rf"/blobs/{layer.digest}", method="GET", status=307,
-                    headers={"Location": f"{backend.url}/v2/app/blobs/{layer.digest}?signed=1"})
+    front.add_fault(
+        rf"/blobs/{layer.digest}",
+        method="GET",
+        status=307,
+        headers={"Location": f"{backend.url}/v2/app/blobs/{layer.digest}?signed=1"},
+    )
     store = LocalStore(tmp_path / "store")
-    fetch_blob(Resolver().fetcher(f"{front.host}/app:v1"), store, layer)
+    resolver = Resolver()
+    resolver.resolve(f"{front.host}/app:v1")  # learns the token challenge; the fetch sends the token up front
+    fetch_blob(resolver.fetcher(f"{front.host}/app:v1"), store, layer)
     assert store.read_all(layer.digest) == img.layers[1]
     [sent] = front.seen(path="/blobs/")
     assert sent.headers["authorization"].startswith("Bearer ")
@@ -337,15 +393,20 @@ def test_redirects_are_followed_without_the_authorization_header(
     assert followed.query == "signed=1" and "authorization" not in followed.headers
 
 
-# -- retries ---------------------------------------------------------------------------------------------------
+# -- retries -------------------------------------------------------------------------------------------------
 
 
 def test_503_with_retry_after_is_retried(registry: RegistryProcess, fault_proxy: ProxyFactory) -> None:
     img = make_image()
     seed(registry, "app", "v1", img)
     proxy = fault_proxy(registry)
-    proxy.add_fault(r"/manifests/", method="HEAD", status=503, headers={"Retry-After": "1"},
-                    body=b'{"errors":[{"code":"UNAVAILABLE","message":"busy"}]}')
+    proxy.add_fault(
+        r"/manifests/",
+        method="HEAD",
+        status=503,
+        headers={"Retry-After": "1"},
+        body=b'{"errors":[{"code":"UNAVAILABLE","message":"busy"}]}',
+    )
     events: list[Event] = []
     t0 = time.monotonic()
     _, desc = Resolver(on_event=events.append).resolve(f"{proxy.host}/app:v1")
@@ -356,7 +417,9 @@ def test_503_with_retry_after_is_retried(registry: RegistryProcess, fault_proxy:
     assert any(e.action == "host" and "HTTP 503" in e.message and "in 1.0s" in e.message for e in events)
 
 
-def test_429_then_success_on_a_blob(registry: RegistryProcess, fault_proxy: ProxyFactory, tmp_path: Path) -> None:
+def test_429_then_success_on_a_blob(
+    registry: RegistryProcess, fault_proxy: ProxyFactory, tmp_path: Path
+) -> None:
     img = make_image()
     seed(registry, "app", "v1", img)
     proxy = fault_proxy(registry)
@@ -369,9 +432,13 @@ def test_429_then_success_on_a_blob(registry: RegistryProcess, fault_proxy: Prox
 
 def test_persistent_5xx_gives_a_registry_error(registry: RegistryProcess, fault_proxy: ProxyFactory) -> None:
     proxy = fault_proxy(registry)
-    proxy.add_fault(r"/manifests/", status=502, times=100,
-                    body=b'{"errors":[{"code":"UNAVAILABLE","message":"upstream down"}]}',
-                    headers={"Content-Type": "application/json"})
+    proxy.add_fault(
+        r"/manifests/",
+        status=502,
+        times=100,
+        body=b'{"errors":[{"code":"UNAVAILABLE","message":"upstream down"}]}',
+        headers={"Content-Type": "application/json"},
+    )
     resolver = Resolver(retries=RetryPolicy(attempts=2, backoff=0.01))
     with pytest.raises(RegistryError) as err:
         resolver.resolve(f"{proxy.host}/app:v1")
@@ -381,14 +448,14 @@ def test_persistent_5xx_gives_a_registry_error(registry: RegistryProcess, fault_
     assert [r.method for r in proxy.seen()] == ["HEAD", "HEAD", "GET", "GET"]
 
 
-# -- Basic auth ------------------------------------------------------------------------------------------------
+# -- Basic auth ----------------------------------------------------------------------------------------------
 
 
-def test_htpasswd_basic_auth(basic_registry: object, tmp_path: Path) -> None:
+def test_htpasswd_basic_auth(basic_registry: BasicAuthRegistry, tmp_path: Path) -> None:
     br = basic_registry
-    reg: RegistryProcess = br.registry  # type: ignore[attr-defined]
+    reg: RegistryProcess = br.registry
     img = make_image()
-    seed(reg, "private/app", "v1", img, auth_header=br.auth_header)  # type: ignore[attr-defined]
+    seed(reg, "private/app", "v1", img, auth_header=br.auth_header)
     ref = f"{reg.host}/private/app:v1"
 
     good = Resolver(credentials=StaticCredentials(Credentials(username="alice", password="s3cret-pw")))
@@ -399,22 +466,33 @@ def test_htpasswd_basic_auth(basic_registry: object, tmp_path: Path) -> None:
     bad = Resolver(credentials=StaticCredentials(Credentials(username="alice", password="wrong")))
     with pytest.raises(UnauthorizedError) as err:
         bad.resolve(ref)
-    assert str(err.value) == f"{reg.host}/private/app: unauthorized: {reg.host} rejected credentials for user 'alice'"
+    assert (
+        str(err.value)
+        == f"{reg.host}/private/app: unauthorized: {reg.host} rejected credentials for user 'alice'"
+    )
 
-    with pytest.raises(UnauthorizedError, match=rf"{reg.host}/private/app: unauthorized: .*none is configured"):
+    with pytest.raises(
+        UnauthorizedError, match=rf"{reg.host}/private/app: unauthorized: .*none is configured"
+    ):
         Resolver().resolve(ref)
 
 
-def test_docker_config_auths_entry(basic_registry: object, tmp_path: Path) -> None:
-    reg: RegistryProcess = basic_registry.registry  # type: ignore[attr-defined]
+def test_docker_config_auths_entry(basic_registry: BasicAuthRegistry, tmp_path: Path) -> None:
+    reg: RegistryProcess = basic_registry.registry
     img = make_image()
-    seed(reg, "app", "v1", img, auth_header=basic_registry.auth_header)  # type: ignore[attr-defined]
+    seed(reg, "app", "v1", img, auth_header=basic_registry.auth_header)
     cfg = tmp_path / "docker" / "config.json"
     cfg.parent.mkdir()
-    cfg.write_text(json.dumps({"auths": {
-        f"http://{reg.host}/v1/": {"auth": base64.b64encode(b"alice:s3cret-pw").decode()},
-        "other.example:5000": {"username": "x", "password": "y"},
-    }}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    f"http://{reg.host}/v1/": {"auth": base64.b64encode(b"alice:s3cret-pw").decode()},
+                    "other.example:5000": {"username": "x", "password": "y"},
+                }
+            }
+        )
+    )
     store = LocalStore(tmp_path / "store")
     pull_all(Resolver(credentials=DockerConfigCredentials(cfg)), f"{reg.host}/app:v1", store)
     assert_stored(store, img)
@@ -431,7 +509,8 @@ def test_docker_config_auths_entry(basic_registry: object, tmp_path: Path) -> No
     with pytest.raises(InvalidArgumentError, match="--user carol: no password"):
         credentials_for("carol")
     assert credentials_for("carol", password_prompt=lambda user: f"pw-of-{user}").get("x") == Credentials(
-        username="carol", password="pw-of-carol")
+        username="carol", password="pw-of-carol"
+    )
 
 
 def _helper_script(bin_dir: Path, name: str, answers: dict[str, tuple[str, str]], log: Path) -> None:
@@ -454,11 +533,12 @@ esac
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-def test_docker_config_cred_helpers_and_store(basic_registry: object, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    reg: RegistryProcess = basic_registry.registry  # type: ignore[attr-defined]
+def test_docker_config_cred_helpers_and_store(
+    basic_registry: BasicAuthRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg: RegistryProcess = basic_registry.registry
     img = make_image()
-    seed(reg, "app", "v1", img, auth_header=basic_registry.auth_header)  # type: ignore[attr-defined]
+    seed(reg, "app", "v1", img, auth_header=basic_registry.auth_header)
     bin_dir = tmp_path / "bin"
     log = tmp_path / "helper.log"
     _helper_script(bin_dir, "fake", {reg.host: ("alice", "s3cret-pw")}, log)
@@ -473,60 +553,73 @@ def test_docker_config_cred_helpers_and_store(basic_registry: object, tmp_path: 
     assert log.read_text().splitlines() == [reg.host]  # asked once, then cached
 
     # credsStore knows nothing: the auths entry is used.
-    cfg.write_text(json.dumps({"credsStore": "empty", "auths": {reg.host: {"username": "alice",
-                                                                           "password": "s3cret-pw"}}}))
+    cfg.write_text(
+        json.dumps(
+            {"credsStore": "empty", "auths": {reg.host: {"username": "alice", "password": "s3cret-pw"}}}
+        )
+    )
     assert DockerConfigCredentials(cfg).get(reg.host) == Credentials(username="alice", password="s3cret-pw")
     # Docker Hub is asked for by its legacy server URL.
     assert DockerConfigCredentials(cfg).get("registry-1.docker.io") is None
     assert log.read_text().splitlines()[-1] == "https://index.docker.io/v1/"
 
 
-# -- Bearer tokens ---------------------------------------------------------------------------------------------
+# -- Bearer tokens -------------------------------------------------------------------------------------------
 
 
-def test_bearer_token_anonymous_pull(make_token_registry: Callable[..., object], tmp_path: Path) -> None:
+def test_bearer_token_anonymous_pull(
+    make_token_registry: Callable[..., TokenRegistry], tmp_path: Path
+) -> None:
     tr = make_token_registry(allow_anonymous=True)
-    reg: RegistryProcess = tr.registry  # type: ignore[attr-defined]
+    reg: RegistryProcess = tr.registry
     img = make_image()
-    seed(reg, "pub/app", "v1", img, auth_header=tr.auth_header("pub/app"))  # type: ignore[attr-defined]
+    seed(reg, "pub/app", "v1", img, auth_header=tr.auth_header("pub/app"))
     store = LocalStore(tmp_path / "store")
     pull_all(Resolver(), f"{reg.host}/pub/app:v1", store)
     assert_stored(store, img)
-    reqs = tr.issuer.requests  # type: ignore[attr-defined]
+    reqs = tr.issuer.requests
     assert len(reqs) == 1, "one token serves the resolve and every fetch"
     assert reqs[0].user is None and reqs[0].scopes == ["repository:pub/app:pull"]
-    assert reqs[0].service == tr.issuer.service  # type: ignore[attr-defined]
+    assert reqs[0].service == tr.issuer.service
 
 
-def test_bearer_token_requires_credentials(make_token_registry: Callable[..., object], tmp_path: Path) -> None:
+def test_bearer_token_requires_credentials(
+    make_token_registry: Callable[..., TokenRegistry], tmp_path: Path
+) -> None:
     tr = make_token_registry(allow_anonymous=False)
-    reg: RegistryProcess = tr.registry  # type: ignore[attr-defined]
+    reg: RegistryProcess = tr.registry
     img = make_image()
-    seed(reg, "priv/app", "v1", img, auth_header=tr.auth_header("priv/app"))  # type: ignore[attr-defined]
+    seed(reg, "priv/app", "v1", img, auth_header=tr.auth_header("priv/app"))
     ref = f"{reg.host}/priv/app:v1"
-    with pytest.raises(UnauthorizedError, match=rf"{reg.host}/priv/app: unauthorized: token server .* refused "
-                                                 rf"anonymous access; no credentials for {reg.host}"):
+    with pytest.raises(
+        UnauthorizedError,
+        match=rf"{reg.host}/priv/app: unauthorized: token server .* refused "
+        rf"anonymous access; no credentials for {reg.host}",
+    ):
         Resolver().resolve(ref)
     with pytest.raises(UnauthorizedError, match=r"rejected user 'bob'"):
         Resolver(credentials=StaticCredentials(Credentials(username="bob", password="nope"))).resolve(ref)
     store = LocalStore(tmp_path / "store")
-    pull_all(Resolver(credentials=StaticCredentials(Credentials(username="bob", password="t0ken-pw"))), ref, store)
+    pull_all(
+        Resolver(credentials=StaticCredentials(Credentials(username="bob", password="t0ken-pw"))), ref, store
+    )
     assert_stored(store, img)
-    assert tr.issuer.requests[-1].user == "bob"  # type: ignore[attr-defined]
+    assert tr.issuer.requests[-1].user == "bob"
 
 
-def test_bearer_identity_token_uses_the_oauth2_refresh_grant(make_token_registry: Callable[..., object],
-                                                               tmp_path: Path) -> None:
+def test_bearer_identity_token_uses_the_oauth2_refresh_grant(
+    make_token_registry: Callable[..., TokenRegistry], tmp_path: Path
+) -> None:
     tr = make_token_registry(allow_anonymous=False)
-    reg: RegistryProcess = tr.registry  # type: ignore[attr-defined]
+    reg: RegistryProcess = tr.registry
     img = make_image()
-    seed(reg, "app", "v1", img, auth_header=tr.auth_header("app"))  # type: ignore[attr-defined]
-    refresh = tr.issuer.issue_refresh_token("bob")  # type: ignore[attr-defined]
+    seed(reg, "app", "v1", img, auth_header=tr.auth_header("app"))
+    refresh = tr.issuer.issue_refresh_token("bob")
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"auths": {reg.host: {"identitytoken": refresh}}}))
     _, desc = Resolver(credentials=DockerConfigCredentials(cfg)).resolve(f"{reg.host}/app:v1")
     assert desc.digest == img.digest
-    last = tr.issuer.requests[-1]  # type: ignore[attr-defined]
+    last = tr.issuer.requests[-1]
     assert (last.method, last.grant_type, last.user) == ("POST", "refresh_token", "bob")
 
 
@@ -540,8 +633,14 @@ def test_a_rejected_cached_token_is_refreshed_once(tmp_path: Path) -> None:
     try:
         reg = start_registry(tmp_path / "reg", token=first.token_auth(), port=port)
         with reg:
-            seed(reg, "app", "v1", img,
-                 auth_header="Bearer " + first.make_token("bob", ["repository:app:pull,push"], anonymous=False))
+            seed(
+                reg,
+                "app",
+                "v1",
+                img,
+                auth_header="Bearer "
+                + first.make_token("bob", ["repository:app:pull,push"], anonymous=False),
+            )
             resolver = Resolver()
             assert resolver.resolve(f"{reg.host}/app:v1")[1].digest == img.digest
             assert len(first.requests) == 1
@@ -559,34 +658,43 @@ def test_a_rejected_cached_token_is_refreshed_once(tmp_path: Path) -> None:
 
 
 def test_challenge_parsing() -> None:
-    [bearer, basic] = parse_challenges([
-        'Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push"',
-        'Basic realm="x, y"',
-    ])
+    [bearer, basic] = parse_challenges(
+        [
+            'Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push"',
+            'Basic realm="x, y"',
+        ]
+    )
     assert bearer.scheme == "bearer" and bearer.params["realm"] == "https://auth.example/token"
-    assert bearer.scopes == frozenset({"repository:a/b:pull,push"}) and bearer.params["service"] == "registry.example"
+    assert (
+        bearer.scopes == frozenset({"repository:a/b:pull,push"})
+        and bearer.params["service"] == "registry.example"
+    )
     assert basic.scheme == "basic" and basic.params == {"realm": "x, y"}
     both = parse_challenges(['Basic realm="r", Bearer realm="t", error="invalid_token"'])
     assert [c.scheme for c in both] == ["basic", "bearer"] and both[1].params["error"] == "invalid_token"
 
 
-# -- hosts.toml --------------------------------------------------------------------------------------------------
+# -- hosts.toml ----------------------------------------------------------------------------------------------
 
 
-def test_hosts_toml_mirror_is_used_first(registry: RegistryProcess, make_registry: Callable[..., RegistryProcess],
-                                         fault_proxy: ProxyFactory, tmp_path: Path) -> None:
+def test_hosts_toml_mirror_is_used_first(
+    registry: RegistryProcess,
+    make_registry: Callable[..., RegistryProcess],
+    fault_proxy: ProxyFactory,
+    tmp_path: Path,
+) -> None:
     img = make_image()
     mirror = make_registry()
     seed(mirror, "team/app", "v1", img)  # only the mirror has the image
     mproxy = fault_proxy(mirror)
     hosts_dir = tmp_path / "hosts"
     (hosts_dir / registry.host).mkdir(parents=True)
-    (hosts_dir / registry.host / "hosts.toml").write_text(f'''
+    (hosts_dir / registry.host / "hosts.toml").write_text(f"""
 server = "http://{registry.host}"
 
 [host."http://{mproxy.host}"]
   capabilities = ["pull", "resolve"]
-''')
+""")
     events: list[Event] = []
     resolver = Resolver(hosts_dir=hosts_dir, on_event=events.append)
     store = LocalStore(tmp_path / "store")
@@ -616,9 +724,9 @@ def test_broken_mirror_falls_back_to_the_server(registry: RegistryProcess, tmp_p
     assert any(e.status == "done" and e.item == f"registry http://{registry.host}/v2" for e in events)
 
 
-def test_mirror_missing_a_blob_falls_back_for_that_blob(registry: RegistryProcess,
-                                                        make_registry: Callable[..., RegistryProcess],
-                                                        tmp_path: Path) -> None:
+def test_mirror_missing_a_blob_falls_back_for_that_blob(
+    registry: RegistryProcess, make_registry: Callable[..., RegistryProcess], tmp_path: Path
+) -> None:
     img = make_image()
     mirror = make_registry()
     seed(mirror, "app", "v1", img)
@@ -630,16 +738,17 @@ def test_mirror_missing_a_blob_falls_back_for_that_blob(registry: RegistryProces
     (hosts_dir / f"{name}_{port}_").mkdir(parents=True)
     (hosts_dir / f"{name}_{port}_" / "hosts.toml").write_text(f'[host."http://{mirror.host}"]\n')
     store = LocalStore(tmp_path / "store")
+    mark = len(registry.log_text())
     pull_all(Resolver(hosts_dir=hosts_dir), f"{registry.host}/app:v1", store)
     assert_stored(store, img)
-    assert f"/v2/app/blobs/{gone}" in registry.log_text()
-    assert f"/v2/app/blobs/{img.layer_desc(0).digest}" not in registry.log_text()
+    served = [line for line in registry.log_text()[mark:].splitlines() if line.startswith("127.0.0.1 - -")]
+    assert len(served) == 1 and f'"GET /v2/app/blobs/{gone} HTTP/1.1" 200' in served[0]
 
 
 def test_hosts_toml_fields(tmp_path: Path) -> None:
     d = tmp_path / "registry.example:5000"
     d.mkdir()
-    (d / "hosts.toml").write_text('''
+    (d / "hosts.toml").write_text("""
 server = "https://registry.example:5000"
 skip_verify = true
 
@@ -655,22 +764,31 @@ skip_verify = true
   override_path = true
   ca = ["a.pem", "/abs/b.pem"]
   client = "client.pem"
-''')
+""")
     hosts = load_hosts_toml(d / "hosts.toml", "registry.example:5000")
     mirror, flat, server = hosts
-    assert (mirror.scheme, mirror.host, mirror.path, mirror.is_mirror) == ("https", "mirror.example", "/some/prefix/v2",
-                                                                            True)
+    assert (mirror.scheme, mirror.host, mirror.path, mirror.is_mirror) == (
+        "https",
+        "mirror.example",
+        "/some/prefix/v2",
+        True,
+    )
     assert mirror.capabilities == frozenset({"pull"}) and not mirror.skip_verify
     assert mirror.ca == (d / "mirror-ca.pem",)
     assert mirror.client == ((Path("/etc/certs/c.cert"), Path("/etc/certs/c.key")), (d / "c2.pem", None))
     assert dict(mirror.headers) == {"x-custom": ("one",), "x-multi": ("a", "b")}
     assert mirror.url("app/manifests/v1") == (
-        "https://mirror.example/some/prefix/v2/app/manifests/v1?ns=registry.example:5000")
+        "https://mirror.example/some/prefix/v2/app/manifests/v1?ns=registry.example:5000"
+    )
     assert (flat.scheme, flat.host, flat.path) == ("http", "flat.example:8080", "/api")
     assert flat.ca == (d / "a.pem", Path("/abs/b.pem")) and flat.client == ((d / "client.pem", None),)
     assert flat.capabilities == frozenset({"pull", "resolve", "push"})
     assert (server.host, server.is_mirror, server.skip_verify, server.path) == (
-        "registry.example:5000", False, True, "/v2")
+        "registry.example:5000",
+        False,
+        True,
+        "/v2",
+    )
     assert server.url("x/blobs/y") == "https://registry.example:5000/v2/x/blobs/y"
     # Found through --hosts-dir by the host:port directory; other hosts get the default.
     assert registry_hosts("registry.example:5000", hosts_dir=tmp_path) == hosts
@@ -683,7 +801,9 @@ skip_verify = true
     bad = tmp_path / "bad.example"
     bad.mkdir()
     (bad / "hosts.toml").write_text('[host."https://m"]\n  capabilities = ["pull", "teleport"]\n')
-    with pytest.raises(InvalidArgumentError, match=r"bad.example/hosts.toml: host 'https://m': unknown capabilities"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"bad.example/hosts.toml: host 'https://m': unknown capabilities"
+    ):
         registry_hosts("bad.example", hosts_dir=tmp_path)
 
 
@@ -698,4 +818,7 @@ def test_transport_is_thread_safe_under_parallel_fetches(registry: RegistryProce
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda i: fetch_blob(fetcher, store, img.layer_desc(i)), range(len(img.layers))))
     for i, layer in enumerate(img.layers):
-        assert hashlib.sha256(store.read_all(img.layer_desc(i).digest)).hexdigest() == hashlib.sha256(layer).hexdigest()
+        assert (
+            hashlib.sha256(store.read_all(img.layer_desc(i).digest)).hexdigest()
+            == hashlib.sha256(layer).hexdigest()
+        )

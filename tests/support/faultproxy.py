@@ -138,9 +138,16 @@ class FaultProxy:
         strip_request_headers: tuple[str, ...] = (),
     ) -> Fault:
         """Misbehave on the next ``times`` requests whose path matches the regex ``path``."""
-        fault = Fault(path=re.compile(path), method=method, times=times, cut_after=cut_after, status=status,
-                      headers=dict(headers or {}), body=body,
-                      strip_request_headers=tuple(h.lower() for h in strip_request_headers))
+        fault = Fault(
+            path=re.compile(path),
+            method=method,
+            times=times,
+            cut_after=cut_after,
+            status=status,
+            headers=dict(headers or {}),
+            body=body,
+            strip_request_headers=tuple(h.lower() for h in strip_request_headers),
+        )
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -149,7 +156,11 @@ class FaultProxy:
         """Requests seen so far, filtered by method and path regex."""
         with self._lock:
             reqs = list(self.requests)
-        return [r for r in reqs if (method is None or r.method == method) and (path is None or re.search(path, r.path))]
+        return [
+            r
+            for r in reqs
+            if (method is None or r.method == method) and (path is None or re.search(path, r.path))
+        ]
 
     # -- serving ---------------------------------------------------------------------------------------------
 
@@ -186,9 +197,13 @@ class FaultProxy:
                 body = self._read_body(client, buf, headers)
                 path, _, query = target.partition("?")
                 fault = self._take_fault(method, path)
-                seen = SeenRequest(method=method, path=path, query=query,
-                                   headers={k.lower(): v for k, v in headers},
-                                   fault=fault.describe() if fault else "")
+                seen = SeenRequest(
+                    method=method,
+                    path=path,
+                    query=query,
+                    headers={k.lower(): v for k, v in headers},
+                    fault=fault.describe() if fault else "",
+                )
                 with self._lock:
                     self.requests.append(seen)
                 if fault is not None and fault.status is not None:
@@ -208,11 +223,11 @@ class FaultProxy:
                     buf.extend(sock.recv(65536))
                 line_end = buf.index(b"\r\n")
                 size = int(bytes(buf[:line_end]).split(b";")[0], 16)
-                del buf[:line_end + 2]
+                del buf[: line_end + 2]
                 while len(buf) < size + 2:
                     buf.extend(sock.recv(65536))
                 out.extend(buf[:size])
-                del buf[:size + 2]
+                del buf[: size + 2]
                 if size == 0:
                     return bytes(out)
         length = int(names.get("content-length", "0") or 0)
@@ -227,15 +242,26 @@ class FaultProxy:
     def _answer(client: socket.socket, method: str, fault: Fault) -> None:
         assert fault.status is not None
         reason = HTTPStatus(fault.status).phrase if fault.status in HTTPStatus._value2member_map_ else "Fault"
-        lines = [f"HTTP/1.1 {fault.status} {reason}", f"Content-Length: {len(fault.body)}", "Connection: close"]
+        lines = [
+            f"HTTP/1.1 {fault.status} {reason}",
+            f"Content-Length: {len(fault.body)}",
+            "Connection: close",
+        ]
         lines += [f"{k}: {v}" for k, v in fault.headers.items()]
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if method != "HEAD":
             data += fault.body
         client.sendall(data)
 
-    def _forward(self, client: socket.socket, method: str, target: str, headers: list[tuple[str, str]],
-                 body: bytes, fault: Fault | None) -> None:
+    def _forward(
+        self,
+        client: socket.socket,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        fault: Fault | None,
+    ) -> None:
         drop = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length"}
         if fault is not None:
             drop |= set(fault.strip_request_headers)
@@ -251,8 +277,14 @@ class FaultProxy:
             if head is None:
                 return
             lines = head.decode("latin-1").split("\r\n")
-            kept = [line for line in lines[1:] if line and not line.lower().startswith(("connection:", "keep-alive:"))]
-            client.sendall(("\r\n".join([lines[0], *kept, "Connection: close"]) + "\r\n\r\n").encode("latin-1"))
+            kept = [
+                line
+                for line in lines[1:]
+                if line and not line.lower().startswith(("connection:", "keep-alive:"))
+            ]
+            client.sendall(
+                ("\r\n".join([lines[0], *kept, "Connection: close"]) + "\r\n\r\n").encode("latin-1")
+            )
             limit = fault.cut_after if fault is not None and fault.cut_after is not None else None
             sent = 0
             data = bytes(buf)

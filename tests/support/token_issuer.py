@@ -98,7 +98,11 @@ class TokenIssuer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="token-issuer", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: self._server.serve_forever(poll_interval=0.05) if self._server else None,
+            name="token-issuer",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -125,11 +129,15 @@ class TokenIssuer:
 
     def token_auth(self) -> TokenAuth:
         """The registry's ``auth: token`` settings for this issuer."""
-        return TokenAuth(realm=self.realm, service=self.service, issuer=self.issuer, rootcertbundle=self.cert_path)
+        return TokenAuth(
+            realm=self.realm, service=self.service, issuer=self.issuer, rootcertbundle=self.cert_path
+        )
 
     # -- tokens ----------------------------------------------------------------------------------------------
 
-    def make_token(self, subject: str, scopes: list[str], *, anonymous: bool, expires_in: int | None = None) -> str:
+    def make_token(
+        self, subject: str, scopes: list[str], *, anonymous: bool, expires_in: int | None = None
+    ) -> str:
         """A signed JWT granting ``scopes`` (anonymous subjects only ``anonymous_actions``)."""
         access: list[dict[str, Any]] = []
         for scope in scopes:
@@ -199,10 +207,13 @@ class TokenIssuer:
                 self._reply(handler, 400, {"error": "unsupported_grant_type"})
                 return
         with self._lock:
-            self.requests.append(TokenRequest(method=method, user=user, service=service, scopes=list(scopes),
-                                              grant_type=grant))
+            self.requests.append(
+                TokenRequest(method=method, user=user, service=service, scopes=list(scopes), grant_type=grant)
+            )
         if service != self.service:
-            self._reply(handler, 400, {"errors": [{"code": "DENIED", "message": f"unknown service {service!r}"}]})
+            self._reply(
+                handler, 400, {"errors": [{"code": "DENIED", "message": f"unknown service {service!r}"}]}
+            )
             return
         if user is None and (presented or not self.allow_anonymous):
             handler.send_response(401)

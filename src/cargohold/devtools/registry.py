@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -114,8 +115,9 @@ class RegistryProcess:
     Use as a context manager, or call ``stop()``.
     """
 
-    def __init__(self, *, process: subprocess.Popen[bytes], port: int, storage: Path, config_path: Path,
-                 log_path: Path) -> None:
+    def __init__(
+        self, *, process: subprocess.Popen[bytes], port: int, storage: Path, config_path: Path, log_path: Path
+    ) -> None:
         self.process = process
         self.port = port
         self.storage = storage
@@ -195,8 +197,9 @@ def start_registry(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        reg = RegistryProcess(process=proc, port=chosen, storage=storage, config_path=config_path,
-                              log_path=log_path)
+        reg = RegistryProcess(
+            process=proc, port=chosen, storage=storage, config_path=config_path, log_path=log_path
+        )
         try:
             if _wait_ready(reg):
                 return reg
@@ -217,8 +220,9 @@ def _wait_ready(reg: RegistryProcess) -> bool:
         if reg.process.poll() is not None:
             return False
         try:
-            resp = _http.request("GET", reg.url + "/v2/", timeout=urllib3.Timeout(connect=0.5, read=2.0),
-                                 redirect=False)
+            resp = _http.request(
+                "GET", reg.url + "/v2/", timeout=urllib3.Timeout(connect=0.5, read=2.0), redirect=False
+            )
         except urllib3.exceptions.HTTPError:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
@@ -266,8 +270,9 @@ def push_blob(base_url: str, repo: str, data: bytes, *, auth_header: str | None 
         "PUT",
         f"{location}{sep}digest={digest}",
         body=data,
-        headers=_headers(auth_header, {"Content-Type": "application/octet-stream",
-                                       "Content-Length": str(len(data))}),
+        headers=_headers(
+            auth_header, {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+        ),
     )
     if put.status != 201:
         raise _fail(base_url, put, what, repo)
@@ -290,7 +295,9 @@ def push_manifest(
         raise _fail(base_url, resp, f"{_host(base_url)}/{repo}:{reference}", repo)
     answered = resp.headers.get("Docker-Content-Digest")
     if answered and answered != str(digest):
-        raise UnavailableError(f"{_host(base_url)}/{repo}:{reference}: registry stored {answered}, pushed {digest}")
+        raise UnavailableError(
+            f"{_host(base_url)}/{repo}:{reference}: registry stored {answered}, pushed {digest}"
+        )
     return digest
 
 
@@ -305,12 +312,13 @@ def make_htpasswd(path: Path, user: str, password: str) -> Path:
     path = Path(path)
     tool = shutil.which("htpasswd")
     if tool:
-        out = subprocess.run([tool, "-Bbn", user, password], check=True, capture_output=True, text=True,
-                             timeout=30).stdout
+        out = subprocess.run(
+            [tool, "-Bbn", user, password], check=True, capture_output=True, text=True, timeout=30
+        ).stdout
         line = out.strip().splitlines()[0]
     else:
         try:
-            import bcrypt  # type: ignore[import-not-found]
+            bcrypt: Any = importlib.import_module("bcrypt")
         except ImportError:
             raise NotFoundError(
                 "make_htpasswd: neither `htpasswd` (Debian apache2-utils) nor the Python bcrypt package "

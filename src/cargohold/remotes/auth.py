@@ -53,7 +53,7 @@ MAX_TOKEN_RESPONSE = 1 << 20
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Challenge:
-    """One ``WWW-Authenticate`` challenge: ``scheme`` lowercased (``bearer``, ``basic``) and its parameters."""
+    """One ``WWW-Authenticate`` challenge: ``scheme`` lowercased (``bearer``, ``basic``), its parameters."""
 
     scheme: str
     params: Mapping[str, str] = field(default_factory=dict)
@@ -191,7 +191,8 @@ class Authorizer:
             if chosen is None:
                 err = parse_error_body(body)
                 raise UnauthorizedError(
-                    f"{where}: unauthorized ({err.code or 'HTTP 401'}) and no usable WWW-Authenticate challenge "
+                    f"{where}: unauthorized ({err.code or 'HTTP 401'}) and no usable WWW-Authenticate "
+                    "challenge "
                     f"from {host.host}"
                 )
             if header is not None and (fresh or header.startswith("Basic ")):
@@ -202,7 +203,9 @@ class Authorizer:
             header = self._authorize(host, chosen, wanted, where)
             fresh = True
 
-    def _refused(self, host: RegistryHost, where: str, challenge: Challenge, header: str) -> UnauthorizedError:
+    def _refused(
+        self, host: RegistryHost, where: str, challenge: Challenge, header: str
+    ) -> UnauthorizedError:
         creds = self._creds(host.host)
         who = f"credentials for user {creds.username!r}" if creds and creds.username else "the credentials"
         if header.startswith("Basic "):
@@ -215,7 +218,9 @@ class Authorizer:
                 f"{where}: unauthorized: anonymous token refused by {host.host}: {reason}{extra}; "
                 f"no credentials for {host.host} (use --user or docker login)"
             )
-        return UnauthorizedError(f"{where}: unauthorized: {host.host} refused the token for {who}: {reason}{extra}")
+        return UnauthorizedError(
+            f"{where}: unauthorized: {host.host} refused the token for {who}: {reason}{extra}"
+        )
 
     def _prior(self, host: RegistryHost, scopes: frozenset[str]) -> str | None:
         """The Authorization header to send before any challenge, from what this host asked for before."""
@@ -260,7 +265,9 @@ class Authorizer:
         realm = challenge.params.get("realm", "")
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise UnauthorizedError(f"{where}: {host.host} sent a bearer challenge without a usable realm {realm!r}")
+            raise UnauthorizedError(
+                f"{where}: {host.host} sent a bearer challenge without a usable realm {realm!r}"
+            )
         service = challenge.params.get("service", "")
         tls_host = host if parts.netloc == host.host else None
         if creds is not None and creds.identity_token:
@@ -275,7 +282,10 @@ class Authorizer:
             if scopes:
                 form.append(("scope", " ".join(sorted(scopes))))
             resp = self.transport.request(
-                "POST", realm, host=tls_host, body=urlencode(form).encode(),
+                "POST",
+                realm,
+                host=tls_host,
+                body=urlencode(form).encode(),
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
             )
         else:
@@ -306,10 +316,14 @@ class Authorizer:
         if not isinstance(token, str) or not token:
             raise UnauthorizedError(f"{where}: token server {parts.netloc} answered no token")
         expires_in = doc.get("expires_in")
-        ttl = float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else DEFAULT_TOKEN_TTL
+        ttl = (
+            float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else DEFAULT_TOKEN_TTL
+        )
         # Renew a little early so a token does not expire between our check and the registry's.
         ttl = max(1.0, ttl - min(10.0, ttl * 0.1))
-        log.debug("token for %s (scopes %s) from %s, valid %.0fs", host.host, sorted(scopes), parts.netloc, ttl)
+        log.debug(
+            "token for %s (scopes %s) from %s, valid %.0fs", host.host, sorted(scopes), parts.netloc, ttl
+        )
         return "Bearer " + token, ttl
 
 

@@ -34,7 +34,8 @@ class Credentials:
     identity_token: str = ""
 
     def __repr__(self) -> str:  # never print secrets
-        return f"Credentials(username={self.username!r}, password=***, identity_token={'***' if self.identity_token else ''!r})"
+        token = "***" if self.identity_token else ""
+        return f"Credentials(username={self.username!r}, password=***, identity_token={token!r})"
 
 
 class CredentialStore(Protocol):
@@ -163,7 +164,9 @@ def _auth_entry(path: Path, server: str, entry: Any) -> Credentials | None:
         try:
             user, sep, password = base64.b64decode(encoded, validate=False).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            raise InvalidArgumentError(f"{path}: auths[{server!r}].auth is not base64 of user:password") from None
+            raise InvalidArgumentError(
+                f"{path}: auths[{server!r}].auth is not base64 of user:password"
+            ) from None
         if not sep:
             raise InvalidArgumentError(f"{path}: auths[{server!r}].auth is not base64 of user:password")
     if not (user or token):
@@ -171,7 +174,9 @@ def _auth_entry(path: Path, server: str, entry: Any) -> Credentials | None:
     return Credentials(username=user, password=password, identity_token=token)
 
 
-def run_credential_helper(name: str, server: str, *, env: Mapping[str, str] | None = None) -> Credentials | None:
+def run_credential_helper(
+    name: str, server: str, *, env: Mapping[str, str] | None = None
+) -> Credentials | None:
     """``docker-credential-<name> get``; None when the helper knows no credentials for ``server``."""
     program = f"docker-credential-{name}"
     path_env = (env or os.environ).get("PATH")
@@ -179,8 +184,13 @@ def run_credential_helper(name: str, server: str, *, env: Mapping[str, str] | No
     if exe is None:
         raise UnavailableError(f"credential helper {program} not found on PATH (for {server})")
     try:
-        proc = subprocess.run([exe, "get"], input=server.encode(), capture_output=True, timeout=HELPER_TIMEOUT,
-                              env=dict(env) if env is not None else None)
+        proc = subprocess.run(
+            [exe, "get"],
+            input=server.encode(),
+            capture_output=True,
+            timeout=HELPER_TIMEOUT,
+            env=dict(env) if env is not None else None,
+        )
     except subprocess.TimeoutExpired:
         raise UnavailableError(f"credential helper {program} timed out for {server}") from None
     out = proc.stdout.decode("utf-8", "replace").strip()
@@ -204,7 +214,7 @@ def run_credential_helper(name: str, server: str, *, env: Mapping[str, str] | No
 
 
 def parse_user(user: str, *, password_prompt: Callable[[str], str] | None = None) -> Credentials:
-    """``USER:PASSWORD`` -> Credentials. ``USER`` alone asks ``password_prompt`` (the CLI's) for the password."""
+    """``USER:PASSWORD`` -> Credentials; ``USER`` alone asks ``password_prompt`` (the CLI's) for it."""
     name, sep, password = user.partition(":")
     if not name:
         raise InvalidArgumentError("--user: empty user name (want USER[:PASSWORD])")

@@ -1,4 +1,4 @@
-"""Registry error bodies (``{"errors": [{"code", "message", "detail"}]}``) turned into cargohold's error kinds."""
+"""Registry error bodies (``{"errors": [{"code", "message", "detail"}]}``) as cargohold's error kinds."""
 
 from __future__ import annotations
 
@@ -65,4 +65,6 @@ def registry_error(host: str, status: int, body: bytes, *, what: str, repository
     if status == 403:
         where = f"{host}/{repository}" if repository else host
         return UnauthorizedError(f"{where}: access denied ({err.code or 'HTTP 403'}): {err.message or what}")
-    return RegistryError(host, status, err.code, f"{what}: {err.message}" if err.message else what, err.detail)
+    return RegistryError(
+        host, status, err.code, f"{what}: {err.message}" if err.message else what, err.detail
+    )

@@ -84,8 +84,10 @@ def fetch_blob(
         resumes = 0
         while writer.offset < desc.size:
             start = writer.offset
+            # Opening is retried by the transport (and falls through the hosts); an error here is final.
+            stream = fetcher.fetch(desc, offset=start)
             try:
-                with fetcher.fetch(desc, offset=start) as stream:
+                with stream:
                     for chunk in stream:
                         writer.write(chunk)
                         if progress is not None:
@@ -93,21 +95,26 @@ def fetch_blob(
                         if writer.offset > desc.size:
                             break  # more bytes than announced: commit below reports the size mismatch
             except UnavailableError as exc:
-                if writer.offset > start:
-                    resumes_left = max_resumes - resumes
-                    log.info("%s: %s; resuming at byte %d (%d resumes left)", desc.digest, exc, writer.offset,
-                             resumes_left)
+                # The connection dropped mid-body: reopen at the offset reached, a bounded number of times.
                 if resumes >= max_resumes:
                     raise UnavailableError(f"{desc.digest}: gave up after {resumes} resumes: {exc}") from exc
                 resumes += 1
+                log.info(
+                    "%s: %s; resuming at byte %d (resume %d of %d)",
+                    desc.digest,
+                    exc,
+                    writer.offset,
+                    resumes,
+                    max_resumes,
+                )
                 continue
-            if writer.offset == start and writer.offset < desc.size:
-                # The body ended early without an error: count it as a cut and try again.
+            if writer.offset > desc.size:
+                break
+            if writer.offset < desc.size:
+                # The body ended early without an error (no Content-Length): also a cut.
                 if resumes >= max_resumes:
                     raise UnavailableError(
                         f"{desc.digest}: registry sent {writer.offset} of {desc.size} bytes, then nothing"
                     )
                 resumes += 1
-            if writer.offset > desc.size:
-                break
         writer.commit(desc.size, desc.digest, labels=dict(labels) if labels else None)

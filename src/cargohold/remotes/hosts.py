@@ -107,7 +107,9 @@ def host_dir_candidates(hosts_dir: Path, namespace: str) -> list[Path]:
     return [hosts_dir / n for n in names]
 
 
-def registry_hosts(namespace: str, *, hosts_dir: Path | None = None, plain_http: bool = False) -> list[RegistryHost]:
+def registry_hosts(
+    namespace: str, *, hosts_dir: Path | None = None, plain_http: bool = False
+) -> list[RegistryHost]:
     """The ordered hosts for a registry namespace: configured mirrors first, then the server."""
     if hosts_dir is not None:
         for directory in host_dir_candidates(Path(hosts_dir), namespace):
@@ -133,8 +135,13 @@ def _with_docker_certs(host: RegistryHost, directory: Path) -> RegistryHost:
             raise InvalidArgumentError(f"{cert}: client certificate without its key {key.name}")
         clients.append((cert, key))
     return RegistryHost(
-        scheme=host.scheme, host=host.host, path=host.path, capabilities=host.capabilities, ca=cas,
-        client=tuple(clients), namespace=host.namespace,
+        scheme=host.scheme,
+        host=host.host,
+        path=host.path,
+        capabilities=host.capabilities,
+        ca=cas,
+        client=tuple(clients),
+        namespace=host.namespace,
     )
 
 
@@ -148,7 +155,7 @@ def load_hosts_toml(path: Path, namespace: str, *, plain_http: bool = False) -> 
     hosts: list[RegistryHost] = []
     tables = doc.get("host", {})
     if not isinstance(tables, dict):
-        raise InvalidArgumentError(f"{path}: [host] must be a table of \"scheme://host\" tables")
+        raise InvalidArgumentError(f'{path}: [host] must be a table of "scheme://host" tables')
     for url, table in tables.items():
         if not isinstance(table, dict):
             raise InvalidArgumentError(f"{path}: host {url!r}: must be a table")
@@ -160,8 +167,11 @@ def load_hosts_toml(path: Path, namespace: str, *, plain_http: bool = False) -> 
         hosts.append(_parse_host(path, base, server, doc, namespace, plain_http=plain_http, server=True))
     else:
         dflt = default_host(namespace, plain_http=plain_http)
-        hosts.append(_parse_host(path, base, f"{dflt.scheme}://{dflt.host}", doc, namespace,
-                                 plain_http=plain_http, server=True))
+        hosts.append(
+            _parse_host(
+                path, base, f"{dflt.scheme}://{dflt.host}", doc, namespace, plain_http=plain_http, server=True
+            )
+        )
     return hosts
 
 

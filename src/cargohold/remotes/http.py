@@ -23,7 +23,9 @@ from urllib3.exceptions import (
     NewConnectionError,
     ProtocolError,
     SSLError,
-    TimeoutError,
+)
+from urllib3.exceptions import (
+    TimeoutError as Urllib3TimeoutError,
 )
 from urllib3.util.ssl_ import create_urllib3_context
 
@@ -90,7 +92,7 @@ def _retryable_error(exc: BaseException) -> bool:
     if isinstance(exc, NewConnectionError):
         # Nobody listens there: retrying only delays the fallback to the next host.
         return not isinstance(exc.__cause__, ConnectionRefusedError)
-    return isinstance(exc, ProtocolError | TimeoutError)
+    return isinstance(exc, ProtocolError | Urllib3TimeoutError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -146,7 +148,12 @@ class Transport:
             return mgr
 
     def _new_manager(self, host: RegistryHost | None) -> urllib3.PoolManager:
-        kwargs: dict[str, object] = {"num_pools": 32, "maxsize": self._pool_size, "block": False, "retries": False}
+        kwargs: dict[str, object] = {
+            "num_pools": 32,
+            "maxsize": self._pool_size,
+            "block": False,
+            "retries": False,
+        }
         if host is not None:
             ctx = create_urllib3_context()
             if host.skip_verify:
@@ -222,8 +229,14 @@ class Transport:
         for attempt in range(1, attempts + 1):
             try:
                 resp = manager.request(
-                    method, url, headers=dict(headers), body=body, preload_content=not stream,
-                    redirect=False, retries=False, timeout=self.timeout,
+                    method,
+                    url,
+                    headers=dict(headers),
+                    body=body,
+                    preload_content=not stream,
+                    redirect=False,
+                    retries=False,
+                    timeout=self.timeout,
                 )
             except HTTPError as exc:
                 if attempt >= attempts or not _retryable_error(exc):
@@ -236,7 +249,9 @@ class Transport:
                 after = retry_after_seconds(resp.headers.get("Retry-After"))
                 delay = min(after, policy.max_retry_after) if after is not None else policy.delay(attempt)
                 discard_response(resp)
-                self._note_retry(where, f"{method} {parts.path}: HTTP {resp.status}", attempt, attempts, delay)
+                self._note_retry(
+                    where, f"{method} {parts.path}: HTTP {resp.status}", attempt, attempts, delay
+                )
                 self._sleep(delay)
                 continue
             return resp

@@ -54,7 +54,9 @@ def _schema1_error(what: str) -> UnsupportedMediaTypeError:
 
 
 def _too_large(what: str, size: int, limit: int) -> InvalidArgumentError:
-    return InvalidArgumentError(f"{what}: manifest is {size} bytes, larger than the {limit // (1 << 20)} MiB limit")
+    return InvalidArgumentError(
+        f"{what}: manifest is {size} bytes, larger than the {limit // (1 << 20)} MiB limit"
+    )
 
 
 class Resolver:
@@ -80,12 +82,14 @@ class Resolver:
         self.on_event: EventSink = on_event or discard
         if isinstance(retries, int):
             retries = RetryPolicy(attempts=retries)
-        self.transport = transport or Transport(user_agent=user_agent, retries=retries, on_event=self.on_event)
+        self.transport = transport or Transport(
+            user_agent=user_agent, retries=retries, on_event=self.on_event
+        )
         self.authorizer = Authorizer(self.transport, credentials)
         self.max_manifest_size = max_manifest_size
 
     def hosts(self, namespace: str) -> list[RegistryHost]:
-        """The hosts for a registry, mirrors first (re-read each time: editing hosts.toml needs no restart)."""
+        """The hosts for a registry, mirrors first (re-read each time: edits need no restart)."""
         return registry_hosts(namespace, hosts_dir=self.hosts_dir, plain_http=self.plain_http)
 
     def request(
@@ -108,7 +112,7 @@ class Resolver:
 
         return self.authorizer.send(host, [pull_scope(repository, *actions)], do, repository=repository)
 
-    def _emit(self, status: str, host: RegistryHost, message: str) -> None:
+    def emit_host_event(self, status: str, host: RegistryHost, message: str) -> None:
         self.on_event(Event(action="host", status=status, item=host.describe(), message=message))
 
     # -- resolve ---------------------------------------------------------------------------------------------
@@ -122,21 +126,23 @@ class Resolver:
         reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
         hosts = [h for h in self.hosts(reference.domain) if h.can("resolve")]
         if not hosts:
-            raise FailedPreconditionError(f"{reference}: no host for {reference.domain} has the resolve capability")
+            raise FailedPreconditionError(
+                f"{reference}: no host for {reference.domain} has the resolve capability"
+            )
         last: CargoholdError | None = None
         for host in hosts:
             log.info("resolving %s on %s", reference, host.describe())
-            self._emit("running", host, f"resolve {reference}")
+            self.emit_host_event("running", host, f"resolve {reference}")
             try:
                 desc = self._resolve_on(host, reference)
             except UnsupportedMediaTypeError:
                 raise
             except CargoholdError as exc:
                 log.info("resolving %s on %s failed: %s", reference, host.describe(), exc)
-                self._emit("error", host, str(exc))
+                self.emit_host_event("error", host, str(exc))
                 last = exc
                 continue
-            self._emit("done", host, f"{reference} -> {desc.digest}")
+            self.emit_host_event("done", host, f"{reference} -> {desc.digest}")
             return str(reference), desc
         assert last is not None
         raise last
@@ -213,7 +219,9 @@ class Resolver:
         reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
         hosts = [h for h in self.hosts(reference.domain) if h.can("pull")]
         if not hosts:
-            raise FailedPreconditionError(f"{reference}: no host for {reference.domain} has the pull capability")
+            raise FailedPreconditionError(
+                f"{reference}: no host for {reference.domain} has the pull capability"
+            )
         return Fetcher(self, reference, hosts)
 
     def close(self) -> None:
@@ -254,11 +262,17 @@ class Fetcher:
         for host in self.hosts:
             log.debug("fetching %s from %s (offset %d)", what, host.describe(), offset)
             try:
-                resp = self.resolver.request(host, "GET", f"{self.ref.path}/{kind}/{desc.digest}",
-                                             repository=self.ref.path, headers=headers, stream=True)
+                resp = self.resolver.request(
+                    host,
+                    "GET",
+                    f"{self.ref.path}/{kind}/{desc.digest}",
+                    repository=self.ref.path,
+                    headers=headers,
+                    stream=True,
+                )
             except CargoholdError as exc:
                 last = exc
-                self.resolver._emit("error", host, f"fetch {desc.digest}: {exc}")
+                self.resolver.emit_host_event("error", host, f"fetch {desc.digest}: {exc}")
                 continue
             if resp.status in (200, 206):
                 try:
@@ -270,7 +284,7 @@ class Fetcher:
             discard_response(resp)
             last = registry_error(host.host, resp.status, body, what=what, repository=self.ref.path)
             log.info("fetching %s from %s failed: %s", what, host.describe(), last)
-            self.resolver._emit("error", host, f"fetch {desc.digest}: {last}")
+            self.resolver.emit_host_event("error", host, f"fetch {desc.digest}: {last}")
         assert last is not None
         raise last
 
@@ -308,7 +322,7 @@ class BlobStream:
                     if len(chunk) <= self._skip:
                         self._skip -= len(chunk)
                         continue
-                    chunk = chunk[self._skip:]
+                    chunk = chunk[self._skip :]
                     self._skip = 0
                 self.position += len(chunk)
                 yield chunk
@@ -370,7 +384,9 @@ def _sniff_media_type(raw: bytes, header_type: str, what: str) -> str:
     try:
         doc: Any = json.loads(raw)
     except ValueError:
-        raise InvalidArgumentError(f"{what}: manifest is not JSON (Content-Type {header_type or 'none'})") from None
+        raise InvalidArgumentError(
+            f"{what}: manifest is not JSON (Content-Type {header_type or 'none'})"
+        ) from None
     if not isinstance(doc, dict):
         raise InvalidArgumentError(f"{what}: manifest is not a JSON object")
     if doc.get("schemaVersion") == 1:
@@ -384,4 +400,6 @@ def _sniff_media_type(raw: bytes, header_type: str, what: str) -> str:
         return mt.OCI_INDEX
     if "config" in doc or "layers" in doc:
         return mt.OCI_MANIFEST
-    raise UnsupportedMediaTypeError(f"{what}: cannot tell the manifest's media type (Content-Type {header_type!r})")
+    raise UnsupportedMediaTypeError(
+        f"{what}: cannot tell the manifest's media type (Content-Type {header_type!r})"
+    )
