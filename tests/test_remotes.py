@@ -24,6 +24,7 @@ from cargohold.errors import (
     NotFoundError,
     RegistryError,
     UnauthorizedError,
+    UnavailableError,
     UnsupportedMediaTypeError,
 )
 from cargohold.events import Event
@@ -822,3 +823,134 @@ def test_transport_is_thread_safe_under_parallel_fetches(registry: RegistryProce
             hashlib.sha256(store.read_all(img.layer_desc(i).digest)).hexdigest()
             == hashlib.sha256(layer).hexdigest()
         )
+
+
+# -- TLS -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server: tuple[Path, Path]
+    client: tuple[Path, Path]
+
+
+def make_pki(d: Path) -> Pki:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d.mkdir(parents=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return path
+
+    def write_cert(cert: x509.Certificate, path: Path) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("cargohold test CA"))
+        .issuer_name(name("cargohold test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, san: x509.GeneralName | None) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if san is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return write_cert(cert, d / f"{cn}.pem"), write_key(key, d / f"{cn}.key")
+
+    return Pki(
+        ca=write_cert(ca_cert, d / "ca.pem"),
+        server=leaf(
+            "server", ExtendedKeyUsageOID.SERVER_AUTH, x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+        ),
+        client=leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH, None),
+    )
+
+
+def test_tls_registry_with_ca_client_certificate_and_skip_verify(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography", reason="needs the cryptography package (test extra) for certificates")
+    pki = make_pki(tmp_path / "pki")
+    img = make_image()
+    with start_registry(tmp_path / "reg") as plain:
+        seed(plain, "app", "v1", img)
+    # Same storage, now served over TLS and requiring a client certificate.
+    with start_registry(tmp_path / "reg", tls=pki.server, tls_client_ca=pki.ca) as reg:
+        assert reg.url.startswith("https://")
+        host_dir = tmp_path / "hosts" / reg.host
+        host_dir.mkdir(parents=True)
+        for name in ("ca.pem", "client.pem", "client.key"):
+            (host_dir / name).write_bytes((tmp_path / "pki" / name).read_bytes())
+        toml = host_dir / "hosts.toml"
+        ref = f"{reg.host}/app:v1"
+        resolver = Resolver(hosts_dir=tmp_path / "hosts")
+
+        toml.write_text(f'server = "https://{reg.host}"\n')
+        with pytest.raises(UnavailableError, match=rf"{reg.host}: HEAD .*CERTIFICATE_VERIFY_FAILED"):
+            resolver.resolve(ref)
+
+        toml.write_text(f'server = "https://{reg.host}"\nca = "ca.pem"\n')
+        with pytest.raises(UnavailableError, match=rf"{reg.host}: HEAD "):
+            resolver.resolve(ref)  # the server wants a client certificate
+
+        toml.write_text(
+            f'server = "https://{reg.host}"\nca = "ca.pem"\nclient = [["client.pem", "client.key"]]\n'
+        )
+        store = LocalStore(tmp_path / "store")
+        pull_all(resolver, ref, store)
+        assert_stored(store, img)
+
+        toml.write_text(
+            f'server = "https://{reg.host}"\nskip_verify = true\nclient = [["client.pem", "client.key"]]\n'
+        )
+        assert resolver.resolve(ref)[1].digest == img.digest

@@ -55,7 +55,7 @@ class State:
             self.root,
             namespace=self.namespace,
             hosts_dir=self.hosts_dir,
-            credentials=credentials_for(user),
+            credentials=credentials_for(user, password_prompt=_prompt_password),
             plain_http=self.plain_http,
             max_concurrent_downloads=max_concurrent_downloads,
             on_event=on_event,
@@ -63,6 +63,10 @@ class State:
 
 
 pass_state = click.make_pass_decorator(State)
+
+
+def _prompt_password(user: str) -> str:
+    return str(click.prompt(f"Password for {user}", hide_input=True, err=True))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -282,23 +286,35 @@ def images_inspect(state: State, name: str, platform: str | None, output: str) -
 @images.command("tag")
 @click.argument("source")
 @click.argument("target", nargs=-1, required=True)
+@output_option
 @pass_state
-def images_tag(state: State, source: str, target: tuple[str, ...]) -> None:
+def images_tag(state: State, source: str, target: tuple[str, ...], output: str) -> None:
     """Give an image more names."""
     client = state.client()
-    for t in target:
-        img = client.tag(source, t)
+    tagged = [client.tag(source, t) for t in target]
+    if output == "json":
+        emit_json([_image_json(client, i) for i in tagged])
+        return
+    for img in tagged:
         click.echo(img.name)
 
 
 @images.command("rm")
 @click.argument("names", nargs=-1, required=True)
+@output_option
 @pass_state
-def images_rm(state: State, names: tuple[str, ...]) -> None:
+def images_rm(state: State, names: tuple[str, ...], output: str) -> None:
     """Remove image records (content stays until garbage collection)."""
     client = state.client()
+    removed = []
     for n in names:
-        client.remove_image(n)
+        name = client.image(n).name
+        client.remove_image(name)
+        removed.append(name)
+    if output == "json":
+        emit_json(removed)
+        return
+    for n in removed:
         click.echo(n)
 
 
@@ -480,18 +496,23 @@ def content_get(state: State, digest: str) -> None:
 
 @content.command("rm")
 @click.argument("digests", nargs=-1, required=True)
+@output_option
 @pass_state
-def content_rm(state: State, digests: tuple[str, ...]) -> None:
+def content_rm(state: State, digests: tuple[str, ...], output: str) -> None:
     """Remove blobs from this namespace."""
     client = state.client()
     for d in digests:
         client.content.delete(Digest.parse(d))
+    if output == "json":
+        emit_json(list(digests))
+        return
+    for d in digests:
         click.echo(d)
 
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="cargohold", standalone_mode=False)
     except click.exceptions.Abort:
         eprint("cargohold: interrupted")
         sys.exit(130)

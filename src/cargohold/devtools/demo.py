@@ -14,9 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cargohold.devtools.registry import start_registry
-
 from cargohold.devtools import samples
+from cargohold.devtools.registry import start_registry
 from cargohold.oci import mediatypes as mt
 
 

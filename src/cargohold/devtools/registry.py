@@ -80,6 +80,8 @@ def registry_config(
     *,
     htpasswd: Path | None = None,
     token: TokenAuth | None = None,
+    tls: tuple[Path, Path] | None = None,
+    tls_client_ca: Path | None = None,
 ) -> str:
     """The YAML config of a loopback registry with filesystem storage and deletes enabled."""
     if htpasswd is not None and token is not None:
@@ -95,6 +97,10 @@ def registry_config(
         },
         "http": {"addr": f"127.0.0.1:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
     }
+    if tls is not None:
+        config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
+        if tls_client_ca is not None:
+            config["http"]["tls"]["clientcas"] = [str(tls_client_ca)]
     if htpasswd is not None:
         config["auth"] = {"htpasswd": {"realm": "cargohold-test", "path": str(htpasswd)}}
     if token is not None:
@@ -110,15 +116,22 @@ def registry_config(
 
 
 class RegistryProcess:
-    """A running ``docker-registry``. ``url`` is ``http://127.0.0.1:PORT``, ``host`` is ``127.0.0.1:PORT``.
-
-    Use as a context manager, or call ``stop()``.
+    """A running ``docker-registry``. ``url`` is ``http://127.0.0.1:PORT`` (``https://`` with TLS),
+    ``host`` is ``127.0.0.1:PORT``. Use as a context manager, or call ``stop()``.
     """
 
     def __init__(
-        self, *, process: subprocess.Popen[bytes], port: int, storage: Path, config_path: Path, log_path: Path
+        self,
+        *,
+        process: subprocess.Popen[bytes],
+        port: int,
+        storage: Path,
+        config_path: Path,
+        log_path: Path,
+        tls_cert: Path | None = None,
     ) -> None:
         self.process = process
+        self.tls_cert = tls_cert
         self.port = port
         self.storage = storage
         self.config_path = config_path
@@ -130,7 +143,7 @@ class RegistryProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls_cert else 'http'}://{self.host}"
 
     def log_text(self) -> str:
         """Everything the registry logged so far (its access log shows each request)."""
@@ -175,8 +188,15 @@ def start_registry(
     token: TokenAuth | None = None,
     port: int | None = None,
     log_path: Path | None = None,
+    tls: tuple[Path, Path] | None = None,
+    tls_client_ca: Path | None = None,
 ) -> RegistryProcess:
-    """Start a registry storing under ``tmpdir/storage``; return once ``GET /v2/`` answers (200 or 401)."""
+    """Start a registry storing under ``tmpdir/storage``; return once ``GET /v2/`` answers (200 or 401).
+
+    ``tls`` = (certificate, key) serves HTTPS; the certificate must be valid for 127.0.0.1 (it is also
+    the CA used to check readiness); ``tls_client_ca`` also requires client certificates signed by that CA.
+    Restarting on the same ``tmpdir`` keeps the stored images.
+    """
     binary = find_registry_binary()
     tmpdir = Path(tmpdir)
     tmpdir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +208,11 @@ def start_registry(
     for _ in range(3 if port is None else 1):
         chosen = port if port is not None else free_port()
         config_path = tmpdir / "config.yml"
-        config_path.write_text(registry_config(storage, chosen, htpasswd=htpasswd, token=token))
+        config_path.write_text(
+            registry_config(
+                storage, chosen, htpasswd=htpasswd, token=token, tls=tls, tls_client_ca=tls_client_ca
+            )
+        )
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [binary, "serve", str(config_path)],
@@ -198,10 +222,15 @@ def start_registry(
                 start_new_session=True,
             )
         reg = RegistryProcess(
-            process=proc, port=chosen, storage=storage, config_path=config_path, log_path=log_path
+            process=proc,
+            port=chosen,
+            storage=storage,
+            config_path=config_path,
+            log_path=log_path,
+            tls_cert=tls[0] if tls is not None else None,
         )
         try:
-            if _wait_ready(reg):
+            if _wait_ready(reg, client_auth=tls_client_ca is not None):
                 return reg
         except BaseException:
             reg.stop()
@@ -213,16 +242,22 @@ def start_registry(
     raise UnavailableError(f"docker-registry ({binary}) did not start; log {log_path}:\n{last_error}")
 
 
-def _wait_ready(reg: RegistryProcess) -> bool:
+def _wait_ready(reg: RegistryProcess, *, client_auth: bool = False) -> bool:
     deadline = time.monotonic() + START_TIMEOUT
     delay = 0.005
     while time.monotonic() < deadline:
         if reg.process.poll() is not None:
             return False
         try:
-            resp = _http.request(
+            resp = (_tls_pool(reg.tls_cert) if reg.tls_cert else _http).request(
                 "GET", reg.url + "/v2/", timeout=urllib3.Timeout(connect=0.5, read=2.0), redirect=False
             )
+        except urllib3.exceptions.SSLError:
+            if client_auth:
+                return True  # it answers TLS and wants a client certificate the poll does not have
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            continue
         except urllib3.exceptions.HTTPError:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
@@ -231,6 +266,10 @@ def _wait_ready(reg: RegistryProcess) -> bool:
             return True
         time.sleep(delay)
     return False
+
+
+def _tls_pool(ca: Path) -> urllib3.PoolManager:
+    return urllib3.PoolManager(ca_certs=str(ca), cert_reqs="CERT_REQUIRED", retries=False)
 
 
 # -- seeding ------------------------------------------------------------------------------------------------

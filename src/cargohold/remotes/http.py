@@ -8,9 +8,11 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import re
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +21,7 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 from urllib3.exceptions import (
     HTTPError,
+    InsecureRequestWarning,
     NameResolutionError,
     NewConnectionError,
     ProtocolError,
@@ -157,6 +160,12 @@ class Transport:
         if host is not None:
             ctx = create_urllib3_context()
             if host.skip_verify:
+                # The hosts.toml asked for it: say so once in our log instead of a warning per request.
+                log.warning("%s: TLS certificate verification disabled (skip_verify)", host.host)
+                hostname = re.escape(host.host.rsplit(":", 1)[0].strip("[]"))
+                warnings.filterwarnings(
+                    "ignore", message=f".*host '{hostname}'", category=InsecureRequestWarning
+                )
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
                 kwargs["assert_hostname"] = False
