@@ -336,3 +336,33 @@ def test_cli_unpack_snapshots_mount_rootfs(registry, tmp_path: Path) -> None:
     assert all(u["size"] > 0 for u in usage)
     check = json.loads(cli(root, "images", "check", ref, "--output", "json").stdout)
     assert check[0]["unpacked"] == {"native": True, "overlayfs": True}
+
+
+def test_gc_removes_what_no_image_references(registry, tmp_path: Path) -> None:
+    keep = samples.build_image([samples.tar_layer(BASE)])
+    drop = samples.build_image([samples.tar_layer(BASE), samples.tar_layer(TOP)])
+    samples.push(registry.url, "keep", "v1", keep)
+    samples.push(registry.url, "drop", "v1", drop)
+    root = tmp_path / "root"
+    client = Client(root)
+    client.pull(f"{registry.host}/keep:v1", snapshotter="overlayfs")
+    client.pull(f"{registry.host}/drop:v1", snapshotter="overlayfs")
+    chains = [str(c) for c in _chains(drop)]
+    assert set(committed(client, "overlayfs")) == set(chains)
+
+    dry = json.loads(cli(root, "gc", "--dry-run", "--output", "json").stdout)
+    assert dry["content"] == [] and dry["snapshots"] == []
+    cli(root, "images", "rm", f"{registry.host}/drop:v1")
+    dry = json.loads(cli(root, "gc", "--dry-run", "--output", "json").stdout)
+    assert [s["key"] for s in dry["snapshots"]] == [chains[1]]
+    assert set(committed(client, "overlayfs")) == set(chains)  # a dry run removes nothing
+
+    done = json.loads(cli(root, "gc", "--output", "json").stdout)
+    only_drop = {str(b.digest) for b in [drop.manifest, drop.config, drop.layers[1]]}
+    assert set(done["content"]) == only_drop and set(done["blobs"]) == only_drop
+    assert [s["key"] for s in done["snapshots"]] == [chains[1]]
+    assert set(committed(client, "overlayfs")) == {chains[0]}
+    for blob in [keep.manifest, *keep.blobs]:
+        assert client.content.read_all(blob.digest) == blob.data
+    assert not (root / "content" / "blobs" / "sha256" / drop.layers[1].digest.hex).exists()
+    assert json.loads(cli(root, "images", "check", "--output", "json").stdout)[0]["status"] == "complete"

@@ -38,8 +38,9 @@ from cargohold.images.image import (
     walk_required,
 )
 from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB, utcnow
+from cargohold.metadata.gc import GCResult, collect
 from cargohold.metadata.images import Image, ImageStore
-from cargohold.metadata.leases import LeaseStore
+from cargohold.metadata.leases import LeaseStore, snapshot_kind
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.platform import Platform, PlatformMatcher, default_matcher
@@ -192,7 +193,11 @@ class Client:
                 if rest:  # other platforms' layers (--all-platforms): fetched, not unpacked
                     dispatch(fetch, rest, concurrency=self.max_concurrent_downloads)
                 resolved = resolve_manifest(store, chosen, matcher)
-                unpack_result = self._unpacker(snapshotter, fetch_one, store).unpack(
+                leases = LeaseStore(self.db, self.namespace)
+                kind = snapshot_kind(self.snapshotter(snapshotter).name)
+                unpacker = self._unpacker(snapshotter, fetch_one, store)
+                unpacker.hold = lambda key: leases.add_resource(lease.id, kind, key)
+                unpack_result = unpacker.unpack(
                     resolved,
                     layer_labels=self._layer_labels_fn(str(reference), resolved) if layer_labels else None,
                 )
@@ -414,6 +419,46 @@ class Client:
               ) -> CheckResult:
         image = self.image(name)
         return walk_required(self.content, image.target, None if all_platforms else _matcher(platforms))
+
+    def gc(self, *, dry_run: bool = False) -> tuple[GCResult, list[tuple[str, str, str]]]:
+        """Collect garbage in every namespace: unreferenced content rows and blob files, expired leases, and
+        committed snapshots nothing references (children first). Active snapshots and views (mounts, unpacks
+        in progress) are left alone. Returns the collection and the snapshots removed (or that would be)."""
+        result = collect(self.db, self.local, dry_run=dry_run)
+        pending: list[tuple[str, str, str]] = []
+        for node in result.removed_snapshots:
+            name, namespace, key = node
+            if name not in known_snapshotters():
+                continue
+            sn = self.snapshotter(name) if namespace == self.namespace else open_snapshotter(
+                name, self.root, self.db, namespace)
+            try:
+                if sn.stat(key).kind == Kind.COMMITTED:
+                    pending.append(node)
+            except NotFoundError:
+                pass
+        if dry_run:
+            return result, pending
+        removed: list[tuple[str, str, str]] = []
+        while pending:  # a dead snapshot's children are dead too: remove leaves until none is left
+            progress = False
+            for node in list(pending):
+                name, namespace, key = node
+                sn = self.snapshotter(name) if namespace == self.namespace else open_snapshotter(
+                    name, self.root, self.db, namespace)
+                try:
+                    sn.remove(key)
+                except FailedPreconditionError:
+                    continue  # still has children (maybe live ones: a mount on top); retried next pass
+                except NotFoundError:
+                    pass
+                else:
+                    removed.append(node)
+                pending.remove(node)
+                progress = True
+            if not progress:
+                break
+        return result, removed
 
     def close(self) -> None:
         self.db.close()

@@ -510,6 +510,29 @@ def content_rm(state: State, digests: tuple[str, ...], output: str) -> None:
         click.echo(d)
 
 
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@output_option
+@pass_state
+def gc(state: State, dry_run: bool, output: str) -> None:
+    """Remove content, blob files and committed snapshots that no image, lease or gc.root references."""
+    client = state.client()
+    result, snaps = client.gc(dry_run=dry_run)
+    report = {
+        "dry_run": dry_run,
+        "content": [str(d) for d in result.removed_content],
+        "blobs": [str(d) for d in result.removed_blobs],
+        "snapshots": [{"snapshotter": sn, "namespace": ns, "key": key} for sn, ns, key in snaps],
+        "expired_leases": [lease for _, lease in result.expired_leases],
+    }
+    if output == "json":
+        emit_json(report)
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb}: {len(report['content'])} content records, {len(report['blobs'])} blob files, "
+               f"{len(snaps)} snapshots, {len(report['expired_leases'])} expired leases")
+
+
 def main() -> None:
     try:
         cli.main(prog_name="cargohold", standalone_mode=False)

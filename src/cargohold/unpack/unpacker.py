@@ -97,8 +97,11 @@ class Unpacker:
         fetch: FetchFn | None = None,
         concurrency: int = 3,
         on_event: EventSink | None = None,
+        hold: Callable[[str], None] | None = None,
     ) -> None:
         self.content = content
+        # Called with each snapshot name this unpack relies on (e.g. to add it to a GC lease) before use.
+        self.hold = hold
         self.snapshotter = snapshotter
         self.locks_dir = locks_dir
         self.fetch = fetch
@@ -151,6 +154,8 @@ class Unpacker:
         chain = chains[i]
         parent = str(chains[i - 1]) if i else ""
         item = str(layer.digest)
+        if self.hold is not None:
+            self.hold(str(chain))
         if self._snapshot_exists(str(chain)):
             fetched = self._ensure_content(layer)
             self.on_event(Event(action="apply", status="exists", item=item, media_type=layer.media_type,
