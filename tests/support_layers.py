@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import struct
 import subprocess
@@ -19,20 +18,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cargohold.devtools.samples import FIXED_MTIME, Entry, tar_layer
 from cargohold.diff.compression import compress_gzip, compress_zstd
 from cargohold.diff.tree import TreeEntry
-
-FIXED_MTIME = 1_700_000_000
-
-_TYPES = {
-    "file": tarfile.REGTYPE,
-    "dir": tarfile.DIRTYPE,
-    "symlink": tarfile.SYMTYPE,
-    "hardlink": tarfile.LNKTYPE,
-    "fifo": tarfile.FIFOTYPE,
-    "char": tarfile.CHRTYPE,
-    "block": tarfile.BLKTYPE,
-}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,27 +81,11 @@ def capability(bit: int) -> bytes:
 
 def make_layer(entries: Sequence[LayerEntry], *, fmt: int = tarfile.PAX_FORMAT, trailing: bytes = b"") -> bytes:
     """A tar of ``entries`` in order (names kept verbatim), then ``trailing`` bytes after end-of-archive."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for e in entries:
-            info = tarfile.TarInfo(e.path)
-            info.type = _TYPES[e.kind]
-            info.mode = e.perm
-            info.uid, info.gid = e.uid, e.gid
-            info.uname = info.gname = ""
-            info.mtime = e.mtime
-            info.linkname = e.link
-            info.devmajor, info.devminor = e.major, e.minor
-            if e.xattrs:
-                # tarfile takes str values; surrogateescape round-trips binary ones (it marks them BINARY).
-                info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
-                                    for k, v in e.xattrs.items()}
-            if e.kind == "file":
-                info.size = len(e.data)
-                tar.addfile(info, io.BytesIO(e.data))
-            else:
-                tar.addfile(info)
-    return buf.getvalue() + trailing
+    return tar_layer(
+        [Entry(path=e.path, kind=e.kind, data=e.data, mode=e.perm, uid=e.uid, gid=e.gid, link=e.link,
+               devmajor=e.major, devminor=e.minor, xattrs=dict(e.xattrs), mtime=e.mtime) for e in entries],
+        fmt=fmt, trailing=trailing,
+    )
 
 
 def gzip_layer(tar: bytes, level: int = 6) -> bytes:

@@ -518,7 +518,7 @@ def gc(state: State, dry_run: bool, output: str) -> None:
     """Remove content, blob files and committed snapshots that no image, lease or gc.root references."""
     client = state.client()
     result, snaps = client.gc(dry_run=dry_run)
-    report = {
+    report: dict[str, Any] = {
         "dry_run": dry_run,
         "content": [str(d) for d in result.removed_content],
         "blobs": [str(d) for d in result.removed_blobs],

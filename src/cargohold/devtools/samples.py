@@ -37,7 +37,7 @@ class Entry:
     link: str = ""
     devmajor: int = 0
     devminor: int = 0
-    xattrs: dict[str, str] = field(default_factory=dict)
+    xattrs: dict[str, str | bytes] = field(default_factory=dict)
     mtime: int = FIXED_MTIME
 
 
@@ -52,10 +52,11 @@ _KINDS = {
 }
 
 
-def tar_layer(entries: Iterable[Entry]) -> bytes:
-    """A PAX tar of the entries, in the given order, with fixed mtimes: deterministic bytes."""
+def tar_layer(entries: Iterable[Entry], *, fmt: int = tarfile.PAX_FORMAT, trailing: bytes = b"") -> bytes:
+    """A tar of the entries in the given order (names kept verbatim), with fixed mtimes: deterministic bytes.
+    ``trailing`` bytes follow the end-of-archive marker (they count in the diffID)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
         for e in entries:
             info = tarfile.TarInfo(e.path)
             info.type = _KINDS[e.kind]
@@ -66,13 +67,17 @@ def tar_layer(entries: Iterable[Entry]) -> bytes:
             info.linkname = e.link
             info.devmajor, info.devminor = e.devmajor, e.devminor
             if e.xattrs:
-                info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.xattrs.items()}
+                # tarfile takes str values; surrogateescape round-trips binary ones (it marks them BINARY).
+                info.pax_headers = {
+                    f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+                    for k, v in e.xattrs.items()
+                }
             if e.kind == "file":
                 info.size = len(e.data)
                 tar.addfile(info, io.BytesIO(e.data))
             else:
                 tar.addfile(info)
-    return buf.getvalue()
+    return buf.getvalue() + trailing
 
 
 def files_layer(files: dict[str, bytes], *, dirs: Sequence[str] = ()) -> bytes:
