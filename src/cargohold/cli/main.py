@@ -4,69 +4,24 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from cargohold import __version__
+from cargohold.cli.common import State, output_option, pass_state, with_platforms
 from cargohold.cli.output import emit_json, eprint, human_size, table
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client, default_root
+from cargohold.config import find_config
 from cargohold.errors import CargoholdError, InvalidArgumentError
 from cargohold.metadata.images import Image
 from cargohold.oci.digest import Digest
-from cargohold.remotes.credentials import credentials_for
 from cargohold.snapshots import available_snapshotters
 from cargohold.snapshots.base import Info as SnapshotInfo
 from cargohold.snapshots.base import Snapshotter
 from cargohold.unpack.unpacker import UnpackResult
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-output_option = click.option(
-    "--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
-    help="json: machine-readable output on stdout (no progress).",
-)
-platform_options = [
-    click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
-                 help="Platform to use (repeatable). Default: the host's best match."),
-    click.option("--all-platforms", is_flag=True, help="Every platform of an index."),
-]
-
-
-def with_platforms(fn: F) -> F:
-    for opt in reversed(platform_options):
-        fn = opt(fn)
-    return fn
-
-
-class State:
-    def __init__(self, root: Path, namespace: str, hosts_dir: Path | None, plain_http: bool) -> None:
-        self.root = root
-        self.namespace = namespace
-        self.hosts_dir = hosts_dir
-        self.plain_http = plain_http
-
-    def client(self, *, user: str | None = None, on_event: Any = None, max_concurrent_downloads: int = 3
-               ) -> Client:
-        return Client(
-            self.root,
-            namespace=self.namespace,
-            hosts_dir=self.hosts_dir,
-            credentials=credentials_for(user, password_prompt=_prompt_password),
-            plain_http=self.plain_http,
-            max_concurrent_downloads=max_concurrent_downloads,
-            on_event=on_event,
-        )
-
-
-pass_state = click.make_pass_decorator(State)
-
-
-def _prompt_password(user: str) -> str:
-    return str(click.prompt(f"Password for {user}", hide_input=True, err=True))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,14 +34,17 @@ def _prompt_password(user: str) -> str:
 @click.option("--hosts-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of containerd-style <host>/hosts.toml registry configs (mirrors, TLS, headers).")
 @click.option("--plain-http", is_flag=True, help="Talk plain HTTP to every registry (always on for localhost).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="CARGOHOLD_CONFIG",
+              default=None, help="Config file (TOML). Default: ROOT/config.toml when present.")
 @click.option("--debug", is_flag=True, help="Log debug details (hosts tried, retries) to stderr.")
 @click.pass_context
 def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path | None, plain_http: bool,
-        debug: bool) -> None:
+        config_path: Path | None, debug: bool) -> None:
     """cargohold: pull, unpack, export and import container images, without a daemon."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.obj = State(root or default_root(), namespace, hosts_dir, plain_http)
+    root = root or default_root()
+    ctx.obj = State(root, namespace, hosts_dir, plain_http, find_config(config_path, root))
 
 
 # -- pull ----------------------------------------------------------------------------------------------------
@@ -96,14 +54,15 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
 @click.argument("ref")
 @with_platforms
 @click.option("--user", "-u", metavar="USER[:PASSWORD]", help="Registry credentials (else ~/.docker/config.json).")
-@click.option("--max-concurrent-downloads", type=click.IntRange(1, 64), default=3, show_default=True)
+@click.option("--max-concurrent-downloads", type=click.IntRange(1, 64), default=None,
+              help="Blobs fetched at once (default: the config's max_concurrent_downloads, else 3).")
 @click.option("--no-unpack", is_flag=True, help="Fetch content only; do not unpack layers.")
 @click.option("--snapshotter", default=None, help="Snapshotter to unpack into (overlayfs, native). "
               "Default: overlayfs when the kernel supports it, else native.")
 @output_option
 @pass_state
 def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool, user: str | None,
-         max_concurrent_downloads: int, no_unpack: bool, snapshotter: str | None, output: str) -> None:
+         max_concurrent_downloads: int | None, no_unpack: bool, snapshotter: str | None, output: str) -> None:
     """Fetch an image and its blobs for the platform(s), and unpack it into a snapshotter."""
     with ProgressRenderer(quiet=output == "json") as progress:
         client = state.client(user=user, on_event=progress, max_concurrent_downloads=max_concurrent_downloads)
@@ -531,6 +490,18 @@ def gc(state: State, dry_run: bool, output: str) -> None:
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb}: {len(report['content'])} content records, {len(report['blobs'])} blob files, "
                f"{len(snaps)} snapshots, {len(report['expired_leases'])} expired leases")
+
+
+def _register() -> None:
+    """Commands that live in their own modules (archives, push, CRI)."""
+    from cargohold.cli import archive, push, runtime
+
+    for module in (archive, push, runtime):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
 
 
 def main() -> None:

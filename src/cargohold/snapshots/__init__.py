@@ -35,6 +35,14 @@ def open_snapshotter(
     return factory(Path(root), db, namespace)
 
 
+def open_proxy_snapshotter(name: str, address: str, *, namespace: str = DEFAULT_NAMESPACE, remote: bool = False
+                           ) -> Snapshotter:
+    """A snapshotter served over containerd's snapshots gRPC API on the unix socket ``address``."""
+    from cargohold.snapshots.proxy import ProxySnapshotter  # grpc is loaded only when a proxy is used
+
+    return ProxySnapshotter(name, address, namespace=namespace, remote=remote)
+
+
 def known_snapshotters() -> list[str]:
     """Names of every registered snapshotter."""
     return sorted(SNAPSHOTTERS)
@@ -59,6 +67,7 @@ __all__ = [
     "default_snapshotter_name",
     "known_snapshotters",
     "mount_all",
+    "open_proxy_snapshotter",
     "open_snapshotter",
     "overlay_supported",
     "unmount",

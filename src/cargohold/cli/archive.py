@@ -1,0 +1,7 @@
+"""`cargohold` commands: archive."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

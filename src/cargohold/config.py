@@ -1,0 +1,166 @@
+"""cargohold's configuration file (TOML), read by every command from ``--config FILE`` or ``ROOT/config.toml``.
+
+::
+
+    snapshotter = "overlayfs"              # default snapshotter ("" = overlayfs where the kernel has it)
+    disable_snapshot_annotations = false   # true: no per-layer cri.* labels on snapshots
+    sandbox_image = "registry.k8s.io/pause:3.10"
+    max_concurrent_downloads = 3
+
+    [registry]
+    config_path = "/etc/containerd/certs.d"   # <host>/hosts.toml mirrors, as containerd
+
+    [runtimes.kata]
+    snapshotter = "stargz"                 # runtime handler -> snapshotter
+
+    [snapshotters.stargz]                  # a proxy snapshotter: containerd's snapshots gRPC API
+    address = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
+    remote = true                          # lazy: layers are fetched on demand, never force-fed
+
+Unknown keys are errors that name the file and the key, so a typo never silently changes nothing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cargohold.errors import InvalidArgumentError
+
+CONFIG_NAME = "config.toml"
+DEFAULT_SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeConfig:
+    """One runtime handler (``[runtimes.NAME]``)."""
+
+    name: str
+    snapshotter: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotterConfig:
+    """A snapshotter served over containerd's snapshots gRPC API (``[snapshotters.NAME]``)."""
+
+    name: str
+    address: str
+    remote: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    snapshotter: str = ""
+    disable_snapshot_annotations: bool = False
+    sandbox_image: str = DEFAULT_SANDBOX_IMAGE
+    max_concurrent_downloads: int = 3
+    registry_config_path: str = ""
+    runtimes: Mapping[str, RuntimeConfig] = field(default_factory=dict)
+    snapshotters: Mapping[str, SnapshotterConfig] = field(default_factory=dict)
+    path: Path | None = None
+
+    def snapshotter_for(self, runtime_handler: str) -> str:
+        """The snapshotter of a runtime handler; "" (the default) for an unknown or empty handler.
+
+        An unknown handler is not an error here: kubelet sends "" for the default runtime, and the runtime
+        service, not the image service, refuses unknown handlers.
+        """
+        runtime = self.runtimes.get(runtime_handler) if runtime_handler else None
+        if runtime is not None and runtime.snapshotter:
+            return runtime.snapshotter
+        return self.snapshotter
+
+
+_TOP_KEYS = {"snapshotter", "disable_snapshot_annotations", "sandbox_image", "max_concurrent_downloads",
+             "registry", "runtimes", "snapshotters"}
+
+
+def load_config(path: Path | str) -> Config:
+    """Parse a config file; InvalidArgumentError names the file and the key at fault."""
+    where = Path(path)
+    try:
+        data = tomllib.loads(where.read_text())
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"config {where}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgumentError(f"config {where}: {exc}") from None
+    return parse_config(data, where)
+
+
+def parse_config(data: Mapping[str, Any], where: Path | None = None) -> Config:
+    label = f"config {where}" if where else "config"
+    _known(data, _TOP_KEYS, label)
+    registry = _table(data, "registry", label)
+    _known(registry, {"config_path"}, f"{label}: [registry]")
+    runtimes: dict[str, RuntimeConfig] = {}
+    for name, value in _table(data, "runtimes", label).items():
+        section = f"{label}: [runtimes.{name}]"
+        if not isinstance(value, dict):
+            raise InvalidArgumentError(f"{section}: not a table")
+        _known(value, {"snapshotter"}, section)
+        runtimes[name] = RuntimeConfig(name=name, snapshotter=_str(value, "snapshotter", section))
+    snapshotters: dict[str, SnapshotterConfig] = {}
+    for name, value in _table(data, "snapshotters", label).items():
+        section = f"{label}: [snapshotters.{name}]"
+        if not isinstance(value, dict):
+            raise InvalidArgumentError(f"{section}: not a table")
+        _known(value, {"address", "remote", "type"}, section)
+        if value.get("type", "proxy") != "proxy":
+            raise InvalidArgumentError(f"{section}: type must be \"proxy\", not {value['type']!r}")
+        address = _str(value, "address", section)
+        if not address:
+            raise InvalidArgumentError(f"{section}: address (the snapshotter's unix socket) is required")
+        snapshotters[name] = SnapshotterConfig(name=name, address=address, remote=_bool(value, "remote", section))
+    downloads = data.get("max_concurrent_downloads", 3)
+    if not isinstance(downloads, int) or isinstance(downloads, bool) or not 1 <= downloads <= 64:
+        raise InvalidArgumentError(f"{label}: max_concurrent_downloads must be an integer from 1 to 64")
+    return Config(
+        snapshotter=_str(data, "snapshotter", label),
+        disable_snapshot_annotations=_bool(data, "disable_snapshot_annotations", label),
+        sandbox_image=_str(data, "sandbox_image", label) or DEFAULT_SANDBOX_IMAGE,
+        max_concurrent_downloads=downloads,
+        registry_config_path=_str(registry, "config_path", f"{label}: [registry]"),
+        runtimes=runtimes,
+        snapshotters=snapshotters,
+        path=where,
+    )
+
+
+def find_config(explicit: Path | None, root: Path) -> Config:
+    """The config a command runs with: ``explicit`` (must exist), else ``ROOT/config.toml``, else defaults."""
+    if explicit is not None:
+        return load_config(explicit)
+    candidate = root / CONFIG_NAME
+    if candidate.is_file():
+        return load_config(candidate)
+    return Config()
+
+
+def _known(data: Mapping[str, Any], keys: set[str], label: str) -> None:
+    unknown = sorted(set(data) - keys)
+    if unknown:
+        raise InvalidArgumentError(f"{label}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(keys))})")
+
+
+def _table(data: Mapping[str, Any], key: str, label: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{label}: {key} must be a table")
+    return value
+
+
+def _str(data: Mapping[str, Any], key: str, label: str) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{label}: {key} must be a string, not {value!r}")
+    return value
+
+
+def _bool(data: Mapping[str, Any], key: str, label: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{label}: {key} must be true or false, not {value!r}")
+    return value
