@@ -29,6 +29,9 @@ bench: $(STAMP)
 	sh scripts/install-system-deps.sh bench
 	$(BIN)/python -m cargohold.devtools.bench
 
+proto: $(STAMP)
+	sh scripts/gen-proto.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy

@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 from cargohold.clientbase import DISTRIBUTION_SOURCE, ClientBase, PullResult, default_root
-from cargohold.clientops.archive import ArchiveOps
-from cargohold.clientops.push import PushOps
+from cargohold.clientops.copy import CopyOps
 from cargohold.clientops.runtime import RuntimeOps
 
 
-class Client(ArchiveOps, PushOps, RuntimeOps):
+class Client(CopyOps, RuntimeOps):
     """Everything cargohold does, on one data root and namespace (see ``ClientBase`` for the core)."""
 
 

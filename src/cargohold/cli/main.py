@@ -497,8 +497,7 @@ def _register() -> None:
     from cargohold.cli import archive, push, runtime
 
     for module in (archive, push, runtime):
-        for command in module.COMMANDS:
-            cli.add_command(command)
+        module.register(cli)
 
 
 _register()
