@@ -17,8 +17,8 @@ import pytest
 from cargohold.devtools import bench, samples
 
 needs_containerd = pytest.mark.skipif(
-    not (shutil.which("ctr") and shutil.which("containerd")),
-    reason="needs containerd and ctr (Debian package containerd)",
+    not all(shutil.which(c) for c in ("ctr", "containerd", "skopeo", "umoci")),
+    reason="needs containerd and ctr, skopeo, umoci (Debian packages containerd, skopeo, umoci)",
 )
 needs_registry = pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs docker-registry")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a fresh filesystem per run")
@@ -58,6 +58,12 @@ def test_bench_runs_both_tools_and_prints_ratio() -> None:
     assert re.search(r"^median cargohold +[\d.]+s$", out, re.M), out
     assert re.search(r"^median ctr +[\d.]+s$", out, re.M), out
     assert re.search(r"^ratio cargohold/ctr \(median\): \d+\.\d\dx$", out, re.M), out
+    # The transfer half: every step by cargohold and its rival, checked, with a ratio each.
+    for step, rival, check in [("export", "ctr", r"6 blobs"), ("import", "ctr", r"complete, unpacked"),
+                               ("copy", "skopeo", r"6 blobs"), ("rootfs", "umoci", r"\d+ files")]:
+        for tool in ("cargohold", rival):
+            assert re.search(rf"^run 1 {step} +{tool} +[\d.]+s +ok: {check}$", out, re.M), out
+        assert re.search(rf"^ratio {step} cargohold/{rival} \(median\): \d+\.\d\dx$", out, re.M), out
     assert _bench_mounts() == []
 
 
@@ -77,6 +83,11 @@ def test_bench_json_output_on_tmpfs() -> None:
         ("cargohold", 2, report["image"]["files"]), ("ctr", 2, report["image"]["files"])]
     medians = report["median_seconds"]
     assert report["ratio"] == pytest.approx(medians["cargohold"] / medians["ctr"])
+    transfer = report["transfer"]
+    assert sorted((r["step"], r["tool"]) for r in transfer["runs"]) == sorted(
+        [("export", "cargohold"), ("export", "ctr"), ("import", "cargohold"), ("import", "ctr"),
+         ("copy", "cargohold"), ("copy", "skopeo"), ("rootfs", "cargohold"), ("rootfs", "umoci")])
+    assert set(transfer["ratios"]) == {"export", "import", "copy", "rootfs"}
     assert _bench_mounts() == []
 
 

@@ -1,15 +1,20 @@
-"""``make bench``: time ``cargohold pull`` against containerd 1.6's ``ctr images pull`` on the same image.
+"""``make bench``: cargohold against the real tools on the same image, in one run, with ratios.
 
 One local docker-registry on 127.0.0.1 serves a generated image (``--size-mb`` MiB of file data in
-``--layers`` gzip layers of many small files, deterministic). Runs alternate between the two tools; every run
-pulls *and unpacks* into the overlayfs snapshotter on a brand-new filesystem (tmpfs, or a loop-mounted ext4
-image) that is unmounted afterwards, so no run pays for an earlier run's deletions. containerd runs as a
-private daemon with its root, state and socket on that filesystem; only the ``ctr images pull`` is timed.
+``--layers`` gzip layers of many small files, deterministic).
+
+Pull: runs alternate between cargohold and containerd 1.6's ``ctr images pull``; every run pulls *and unpacks*
+into the overlayfs snapshotter on a brand-new filesystem (tmpfs, or a loop-mounted ext4 image) that is
+unmounted afterwards, so no run pays for an earlier run's deletions. containerd runs as a private daemon with
+its root, state and socket on that filesystem; only the ``ctr images pull`` is timed.
+
+Transfer (``bench_transfer``): export and import against ``ctr``, registry -> oci-archive against ``skopeo
+copy``, flattening to a rootfs against ``umoci unpack``.
 
     python -m cargohold.devtools.bench [--size-mb 500] [--layers 4] [--runs 3] [--fs ext4|tmpfs]
-                                       [--only cargohold|ctr] [--keep] [--output table|json]
+                                       [--only cargohold|ctr] [--no-transfer] [--keep] [--output table|json]
 
-Needs root (mounts), ``containerd``/``ctr`` and ``docker-registry``.
+Needs root (mounts), ``containerd``/``ctr``, ``skopeo``, ``umoci`` and ``docker-registry``.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from cargohold.devtools import samples
+from cargohold.devtools import bench_transfer, samples
+from cargohold.devtools.containerd import ContainerdError, containerd
+from cargohold.devtools.containerd import tail as _tail
 
 MIB = 1 << 20
 REPO, TAG = "bench/layers", "v1"
@@ -226,13 +232,6 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _tail(log: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tree:
     files: int
@@ -298,76 +297,10 @@ def run_cargohold(run: int, fs: Path, ref: str, logs: Path, probes: dict[str, st
                      files=tree.files, file_bytes=tree.file_bytes, bad_files=tree.bad)
 
 
-CONTAINERD_DISABLED = [
-    "io.containerd.grpc.v1.cri",
-    "io.containerd.internal.v1.opt",
-    "io.containerd.internal.v1.tracing",
-    "io.containerd.tracing.processor.v1.otlp",
-    "io.containerd.snapshotter.v1.aufs",
-    "io.containerd.snapshotter.v1.btrfs",
-    "io.containerd.snapshotter.v1.devmapper",
-    "io.containerd.snapshotter.v1.zfs",
-]
-
-
-def containerd_config(fs: Path) -> str:
-    def q(p: Path) -> str:
-        return json.dumps(str(p))  # a JSON string is a valid TOML basic string
-
-    return "\n".join([
-        "version = 2",
-        f"root = {q(fs / 'containerd' / 'root')}",
-        f"state = {q(fs / 'containerd' / 'state')}",
-        f"disabled_plugins = {json.dumps(CONTAINERD_DISABLED)}",
-        "[grpc]",
-        f"  address = {q(fs / 'containerd.sock')}",
-        "[ttrpc]",
-        f"  address = {q(fs / 'containerd.sock.ttrpc')}",
-        "[debug]",
-        '  address = ""',
-        "[metrics]",
-        '  address = ""',
-        "",
-    ])
-
-
-@contextmanager
-def containerd(fs: Path, logs: Path, run: int) -> Iterator[tuple[str, int]]:
-    """A private containerd with everything on ``fs``; yields (socket, pid). Stopped (TERM, then KILL)."""
-    cfg = fs / "containerd.toml"
-    cfg.write_text(containerd_config(fs))
-    sock = str(fs / "containerd.sock")
-    log = logs / f"containerd-{run}.log"
-    with open(log, "wb") as out:
-        # Own session: a Ctrl-C reaches us, and we stop containerd before unmounting its filesystem.
-        proc = subprocess.Popen(["containerd", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=_env(fs), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"containerd exited {proc.returncode} at start (log {log}):\n{_tail(log)}")
-            if os.path.exists(sock) and subprocess.run(["ctr", "--address", sock, "version"],
-                                                        capture_output=True).returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(f"containerd did not answer on {sock} within 30s (log {log})")
-            time.sleep(0.05)
-        yield sock, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def run_ctr(run: int, fs: Path, ref: str, logs: Path, probes: dict[str, str]) -> RunResult:
     """Time ``ctr images pull --plain-http REF`` (fetch + unpack into overlayfs); check what it unpacked."""
     log = logs / f"ctr-{run}.log"
-    with containerd(fs, logs, run) as (sock, pid):
+    with containerd(fs, logs / f"containerd-{run}.log", env=_env(fs)) as (sock, pid):
         ctr = ["ctr", "--address", sock, "-n", NAMESPACE]
         os.sync()
         cpu0, dcpu0, t0 = _children_cpu(), _proc_cpu(pid), time.perf_counter()
@@ -404,6 +337,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed of the generated image (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (registry, logs, ext4 images)")
     p.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    p.add_argument("--no-transfer", action="store_true",
+                   help="skip the transfer half (export/import vs ctr, copy vs skopeo, rootfs vs umoci)")
     args = p.parse_args(argv)
     if args.size_mb < 1 or args.layers < 1 or args.runs < 1:
         p.error("--size-mb, --layers and --runs must be at least 1")
@@ -414,10 +349,11 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _preflight(tools: Sequence[str]) -> None:
+def _preflight(tools: Sequence[str], transfer: bool) -> None:
     if os.geteuid() != 0:
         raise BenchError("the benchmark mounts filesystems: run it as root")
-    needed = ["docker-registry", *(["containerd", "ctr"] if "ctr" in tools else [])]
+    needed = ["docker-registry", *(["containerd", "ctr"] if "ctr" in tools else []),
+              *(bench_transfer.needed_commands() if transfer else [])]
     missing = [c for c in needed if not shutil.which(c)]
     if missing:
         raise BenchError(f"missing commands: {', '.join(missing)} (scripts/install-system-deps.sh bench)")
@@ -456,10 +392,27 @@ def measure(args: argparse.Namespace, tools: Sequence[str], work: Path, fs_kind:
     return results
 
 
+def measure_transfer(args: argparse.Namespace, work: Path, fs_kind: str, ref: str, expect: Expected, say: Say
+                     ) -> list[bench_transfer.StepResult]:
+    """The transfer steps, cargohold and its rivals alternating, each run on fresh filesystems."""
+    logs = work / "logs"
+    fs_size = max(2048, 8 * args.size_mb + 1024) * MIB
+    results: list[bench_transfer.StepResult] = []
+    for run in range(1, args.runs + 1):
+        for tool in ("cargohold", "rivals"):
+            with FreshFS(fs_kind, work / f"transfer-{tool}-{run}", fs_size, keep_image=args.keep) as fs:
+                try:
+                    results.extend(bench_transfer.run_transfer(run, tool, fs, ref, logs, expect.files, say))
+                except (bench_transfer.TransferError, ContainerdError) as exc:
+                    raise BenchError(str(exc)) from exc
+    return results
+
+
 def bench(args: argparse.Namespace, say: Say) -> dict[str, object]:
     """Build and push the image, run the measurements; returns the report (see ``--output json``)."""
     tools = (args.only,) if args.only else TOOLS
-    _preflight(tools)
+    transfer = not args.no_transfer and not args.only
+    _preflight(tools, transfer)
     from cargohold.devtools.registry import start_registry
 
     work = Path(tempfile.mkdtemp(prefix="cargohold-bench-"))
@@ -485,6 +438,7 @@ def bench(args: argparse.Namespace, say: Say) -> dict[str, object]:
             del image  # hundreds of MiB we no longer need (tmpfs runs use RAM)
             say(f"pushed {ref} ({digest}) in {push_s:.1f}s (not part of the measurement)")
             results = measure(args, tools, work, fs_kind, ref, expect, say)
+            moved = measure_transfer(args, work, fs_kind, ref, expect, say) if transfer else []
         medians = {t: statistics.median(r.seconds for r in results if r.tool == t) for t in tools}
         return {
             "config": {"size_mb": args.size_mb, "layers": args.layers, "runs": args.runs, "fs": fs_kind,
@@ -497,6 +451,11 @@ def bench(args: argparse.Namespace, say: Say) -> dict[str, object]:
             "runs": [asdict(r) for r in results],
             "median_seconds": medians,
             "ratio": medians["cargohold"] / medians["ctr"] if len(medians) == 2 else None,
+            "transfer": {
+                "runs": [asdict(r) for r in moved],
+                "median_seconds": bench_transfer.medians(moved),
+                "ratios": bench_transfer.ratios(bench_transfer.medians(moved)),
+            },
         }
     finally:
         unmount_tree(work)
@@ -529,6 +488,13 @@ def print_table(report: dict[str, object]) -> None:
         print(f"median {tool:<9} {m:8.2f}s")
     if report["ratio"] is not None:
         print(f"ratio cargohold/ctr (median): {report['ratio']:.2f}x")
+    transfer = report["transfer"]
+    assert isinstance(transfer, dict)
+    for step, tools in transfer["median_seconds"].items():
+        line = "  ".join(f"{tool} {sec:.2f}s" for tool, sec in tools.items())
+        print(f"transfer {step:<7} median  {line}")
+    for step, ratio in transfer["ratios"].items():
+        print(f"ratio {step} cargohold/{bench_transfer.RIVALS[step]} (median): {ratio:.2f}x")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -536,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         report = bench(args, Say(args.output == "json"))
-    except BenchError as exc:
+    except (BenchError, ContainerdError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
