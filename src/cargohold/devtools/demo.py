@@ -92,6 +92,21 @@ def main() -> None:
                 print(f"mounted {mnt}: {sorted(p.name for p in mnt.iterdir())}")
             finally:
                 _run(["unmount", str(mnt)], root)
+            # Move images: an archive written whole, imported back after the image and its content are gone.
+            archive = work / "app-zstd.tar"
+            _run(["export", str(archive), refs["app-zstd"]], root)
+            _run(["images", "rm", refs["app-zstd"]], root)
+            _run(["gc"], root)
+            _run(["import", str(archive)], root)
+            _run(["images", "check", refs["app-zstd"]], root)
+            multi = work / "multi.tar"
+            _run(["export", "--platform", "linux/arm64", str(multi), refs["multi"]], root)
+            # Push to a second registry, and copy registry -> oci-archive as skopeo would.
+            with start_registry(work / "registry2") as reg2:
+                host2 = reg2.url.split("://", 1)[1]
+                _run(["push", f"{host2}/mirror/app:v1", refs["app"]], root)
+                _run(["copy", f"{host2}/mirror/app:v1", f"oci-archive:{work / 'copy.tar'}", "--output", "json"],
+                     root)
         print(f"\ndemo done; data root: {root}" + ("" if keep else " (temporary, removed)"))
     finally:
         if not keep:
