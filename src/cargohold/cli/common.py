@@ -11,6 +11,7 @@ import click
 from cargohold.client import Client
 from cargohold.config import Config
 from cargohold.remotes.credentials import credentials_for
+from cargohold.unpack.unpacker import UnpackResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,3 +62,13 @@ def _prompt_password(user: str) -> str:
     return str(click.prompt(f"Password for {user}", hide_input=True, err=True))
 
 
+
+
+def unpack_json(result: UnpackResult) -> dict[str, Any]:
+    """An unpack's outcome as ``--output json`` prints it."""
+    return {
+        "snapshotter": result.snapshotter,
+        "chain_id": str(result.chain_id),
+        "layers": [{"digest": str(o.digest), "chain_id": str(o.chain_id), "status": o.status,
+                    "fetched": o.fetched} for o in result.layers],
+    }

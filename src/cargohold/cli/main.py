@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cargohold import __version__
-from cargohold.cli.common import State, output_option, pass_state, with_platforms
+from cargohold.cli.common import State, output_option, pass_state, unpack_json, with_platforms
 from cargohold.cli.output import emit_json, eprint, human_size, table
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client, default_root
@@ -21,7 +21,6 @@ from cargohold.oci.digest import Digest
 from cargohold.snapshots import available_snapshotters
 from cargohold.snapshots.base import Info as SnapshotInfo
 from cargohold.snapshots.base import Snapshotter
-from cargohold.unpack.unpacker import UnpackResult
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,7 +70,7 @@ def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool
     unpacked = result.unpack
     if output == "json":
         emit_json({
-            "unpack": None if unpacked is None else _unpack_json(unpacked),
+            "unpack": None if unpacked is None else unpack_json(unpacked),
             "name": result.image.name,
             "digest": str(result.image.target.digest),
             "media_type": result.image.target.media_type,
@@ -89,15 +88,6 @@ def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool
                        f"({unpacked.unpacked} layers applied, {len(unpacked.layers) - unpacked.unpacked} reused)")
 
 
-def _unpack_json(result: UnpackResult) -> dict[str, Any]:
-    return {
-        "snapshotter": result.snapshotter,
-        "chain_id": str(result.chain_id),
-        "layers": [{"digest": str(o.digest), "chain_id": str(o.chain_id), "status": o.status,
-                    "fetched": o.fetched} for o in result.layers],
-    }
-
-
 @cli.command()
 @click.argument("image")
 @click.option("--snapshotter", default=None, help="Snapshotter to unpack into.")
@@ -112,7 +102,7 @@ def unpack(state: State, image: str, snapshotter: str | None, platform: str | No
         client = state.client(on_event=progress)
         result = client.unpack(image, snapshotter=snapshotter, platform=platform, fetch_missing=not offline)
     if output == "json":
-        emit_json(_unpack_json(result))
+        emit_json(unpack_json(result))
     else:
         click.echo(f"{client.image(image).name}: unpacked into {result.snapshotter}: {result.chain_id} "
                    f"({result.unpacked} layers applied, {len(result.layers) - result.unpacked} reused, "

@@ -38,6 +38,10 @@ def kind_of(media_type: str) -> str:
     return "layer" if media_type else ""
 
 
+# Actions whose events carry byte counts: bars on a terminal, one line per state change otherwise.
+_BAR_ACTIONS = ("fetch", "apply", "push", "export", "import")
+
+
 class ProgressRenderer:
     """An event sink. ``quiet`` drops everything (used with ``--output json``)."""
 
@@ -72,7 +76,7 @@ class ProgressRenderer:
         if self.quiet:
             return
         with self._lock:
-            if self._progress is not None and event.total and event.action in ("fetch", "apply", "push", "export"):
+            if self._progress is not None and event.total and event.action in _BAR_ACTIONS:
                 self._bar(event)
             else:
                 self._line(event)
@@ -86,17 +90,17 @@ class ProgressRenderer:
             task = self._progress.add_task(short, total=event.total or None, action=event.action,
                                            kind=kind_of(event.media_type))
             self._tasks[key] = task
-        completed = event.total if event.status in ("done", "exists") else event.current
+        completed = event.total if event.status in ("done", "exists", "mounted") else event.current
         self._progress.update(task, completed=completed, total=event.total or None)
-        if event.status == "exists":
-            self._progress.update(task, description=f"{short} (exists)")
+        if event.status in ("exists", "mounted"):
+            self._progress.update(task, description=f"{short} ({event.status})")
         if event.status == "error":
             self._progress.update(task, description=f"{short} ERROR")
 
     def _line(self, event: Event) -> None:
         if event.action == "host" and event.status != "error":
             return  # which registry host answered: --debug logs it
-        if event.status == "running" and event.action in ("fetch", "apply", "push", "export") and event.current:
+        if event.status == "running" and event.action in _BAR_ACTIONS and event.current:
             return  # plain output: one line per item state, not per chunk
         parts = [event.action, event.status]
         kind = kind_of(event.media_type)
@@ -104,7 +108,7 @@ class ProgressRenderer:
             parts.append(kind)
         if event.item:
             parts.append(event.item)
-        if event.total and event.status in ("done", "exists"):
+        if event.total and event.status in ("done", "exists", "mounted"):
             parts.append(f"{event.total} bytes")
         if event.message:
             parts.append(event.message)

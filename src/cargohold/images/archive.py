@@ -1,0 +1,200 @@
+"""Image archives: what export and import share.
+
+An archive is one tar holding an OCI image layout (``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>``) and,
+for ``docker load``, a Docker ``manifest.json``, as containerd's archive exporter writes it. Each entry of
+``index.json`` is one image: its target descriptor annotated with ``io.containerd.image.name`` (the full
+name) and ``org.opencontainers.image.ref.name`` (the tag).
+
+This module holds the names, the platform selection both directions apply, and the result types;
+``archive_export`` writes archives, ``archive_import`` reads them (``dockerarchive`` builds manifests for
+``docker save`` archives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cargohold.content.store import Provider
+from cargohold.errors import InvalidArgumentError, NotFoundError
+from cargohold.images.handlers import read_manifest_or_index
+from cargohold.images.image import provider_has
+from cargohold.oci import mediatypes as mt
+from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.digest import Digest
+from cargohold.oci.manifest import Index
+from cargohold.oci.platform import Platform, PlatformMatcher, host_platform
+from cargohold.oci.reference import Reference
+
+ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+OCI_LAYOUT_FILE = "oci-layout"
+OCI_LAYOUT_VERSION = "1.0.0"
+INDEX_FILE = "index.json"
+DOCKER_MANIFEST_FILE = "manifest.json"
+LABEL_IMPORTED = "cargohold.io/imported"
+
+
+def blob_path(digest: Digest) -> str:
+    """The path of a blob inside an OCI layout: ``blobs/<algorithm>/<hex>``."""
+    return f"blobs/{digest.algorithm}/{digest.hex}"
+
+
+def oci_ref_name(name: str) -> str:
+    """The ``org.opencontainers.image.ref.name`` of an image name: its tag (``tag@digest`` when both), as
+    containerd's ``ociReferenceName``; the name itself when it does not parse as a reference."""
+    try:
+        ref = Reference.parse(name)
+    except InvalidArgumentError:
+        return name
+    if ref.digest is not None:
+        return f"{ref.tag}@{ref.digest}" if ref.tag else f"@{ref.digest}"
+    return ref.tag
+
+
+def repo_tag(name: str) -> str | None:
+    """The docker ``RepoTags`` form of an image name (``alpine:latest``), None for names without a tag."""
+    try:
+        ref = Reference.parse(name)
+    except InvalidArgumentError:
+        return None
+    if not ref.tag:
+        return None
+    return ref.with_tag(ref.tag).familiar()
+
+
+def normalize_name(name: str) -> str:
+    """Image names are stored normalised when they parse as references, verbatim otherwise."""
+    try:
+        return str(Reference.parse(name))
+    except InvalidArgumentError:
+        return name
+
+
+def wanted_platforms(platforms: Sequence[Platform | str]) -> list[Platform]:
+    """The parsed platforms, or the host's when none are given."""
+    out = [p if isinstance(p, Platform) else Platform.parse(p) for p in platforms if p]
+    return out or [host_platform()]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Selection:
+    """What an image needs for the chosen platforms: every blob (the target, indexes whole, the chosen
+    manifests, their configs and layers), which are missing from the store, and the chosen manifests."""
+
+    target: Descriptor
+    required: tuple[Descriptor, ...]
+    missing: tuple[Descriptor, ...]
+    manifests: tuple[Descriptor, ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def choose_children(index: Index, where: Descriptor, platforms: Sequence[Platform], all_platforms: bool
+                    ) -> list[Descriptor]:
+    """An index's children to keep: all of them with ``all_platforms``; else, for each platform, its best
+    manifest, plus nested indexes. NotFoundError names a platform no manifest serves."""
+    if all_platforms:
+        return list(index.manifests)
+    kept: list[Descriptor] = [d for d in index.manifests if mt.is_index(d.media_type)]
+    manifests = [d for d in index.manifests if mt.is_manifest(d.media_type)]
+    if manifests and all(d.platform is None for d in manifests):
+        return kept + manifests  # a list without platforms: nothing to choose by
+    for wanted in platforms:
+        matcher = PlatformMatcher([wanted])
+        ranked = sorted((rank, i) for i, d in enumerate(manifests)
+                        if (rank := matcher.rank(d.platform)) is not None)
+        if not ranked:
+            if kept:
+                continue  # a nested index may serve it
+            available = ", ".join(str(d.platform) for d in manifests if d.platform is not None) or "none"
+            raise NotFoundError(f"index {where.digest}: no manifest for platform {wanted} (available: {available})")
+        best = manifests[ranked[0][1]]
+        if best not in kept:
+            kept.append(best)
+    return kept
+
+
+def select(provider: Provider, target: Descriptor, platforms: Sequence[Platform], all_platforms: bool
+           ) -> Selection:
+    """Walk ``target`` for the platforms (all with ``all_platforms``); a missing manifest or index is listed
+    and its children, unknown, are not."""
+    required: list[Descriptor] = []
+    missing: list[Descriptor] = []
+    manifests: list[Descriptor] = []
+    seen: set[Digest] = set()
+
+    def visit(desc: Descriptor) -> None:
+        if desc.digest in seen:
+            return
+        seen.add(desc.digest)
+        required.append(desc)
+        if not provider_has(provider, desc.digest):
+            missing.append(desc)
+            return
+        if not (mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type)):
+            return
+        doc = read_manifest_or_index(provider, desc)
+        if isinstance(doc, Index):
+            for kid in choose_children(doc, desc, platforms, all_platforms):
+                visit(kid)
+        else:
+            manifests.append(desc)
+            visit(doc.config)
+            for layer in doc.layers:
+                visit(layer)
+
+    visit(target)
+    return Selection(target=target, required=tuple(required), missing=tuple(missing), manifests=tuple(manifests))
+
+
+def missing_message(what: str, missing: Sequence[tuple[str, Descriptor]]) -> str:
+    """``<what>: N blobs missing: <digest> (<media type>, image <name>), ...``: every one, not the first."""
+    parts = [f"{d.digest} ({d.media_type or 'unknown media type'}, {owner})" for owner, d in missing]
+    return f"{what}: {len(parts)} blob{'s' if len(parts) != 1 else ''} missing: {', '.join(parts)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportedImage:
+    """One image written into an archive: its name, target and the manifests included."""
+
+    name: str
+    target: Descriptor
+    manifests: tuple[Descriptor, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportResult:
+    """What ``export`` wrote: the images, every blob (sorted by path), the archive's size in bytes, and
+    the blobs fetched from a registry first (``fetch_missing``)."""
+
+    path: str
+    images: tuple[ExportedImage, ...]
+    blobs: tuple[Descriptor, ...]
+    size: int
+    fetched: tuple[Descriptor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArchiveImage:
+    """One image an archive names: the names it is recorded under and its target."""
+
+    names: tuple[str, ...]
+    target: Descriptor
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadArchive:
+    """An archive read into the store: its format (``oci`` or ``docker``), its index (``index.json`` or the
+    one built for a docker archive, as raw bytes), the images, and what was ingested."""
+
+    format: str
+    index: Descriptor
+    index_raw: bytes
+    images: tuple[ArchiveImage, ...]
+    committed: tuple[Digest, ...] = ()
+    present: tuple[Digest, ...] = ()
+    reused: tuple[Digest, ...] = ()  # docker layer tars matched to a stored compressed blob
+    built: tuple[Descriptor, ...] = field(default=())  # configs/manifests/index written for a docker archive
