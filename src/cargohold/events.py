@@ -10,8 +10,8 @@ from dataclasses import dataclass
 class Event:
     """Something happened to one item (a blob, a layer, a host) during a long operation.
 
-    ``action``: resolve, fetch, apply, export, import, push, mount, host.
-    ``status``: waiting, running, done, exists, skipped, error, info.
+    ``action``: resolve, fetch, apply, export, import, push, copy, mount, host.
+    ``status``: waiting, running, done, exists, mounted (a cross-repository blob mount), skipped, error, info.
     """
 
     action: str
