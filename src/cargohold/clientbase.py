@@ -152,22 +152,25 @@ class ClientBase:
         unpack: bool = True,
         snapshotter: str | None = None,
         layer_labels: bool = False,
+        resolver: Resolver | None = None,
     ) -> PullResult:
         """Resolve ``ref``, fetch the image's blobs for the platforms, unpack them, record the image.
 
         Without ``platforms`` the host platform's best match is fetched; ``all_platforms`` fetches every
         one (only the best match for ``platforms``/the host is unpacked). With ``unpack`` (the default), layers
         stream from the registry into the snapshotter as they arrive. ``layer_labels`` adds the CRI per-layer
-        target labels that remote snapshotters use.
+        target labels that remote snapshotters use. ``resolver`` replaces the client's for this pull (e.g. one
+        with credentials given for this pull only).
         """
+        resolver = resolver or self.resolver
         reference = Reference.parse(ref)
         self.on_event(Event(action="resolve", status="running", item=str(reference)))
-        _, target = self.resolver.resolve(reference)
+        _, target = resolver.resolve(reference)
         self.on_event(Event(action="resolve", status="done", item=str(reference), message=str(target.digest)))
         # A lease keeps what this pull writes safe from garbage collection until the image record exists.
         with LeaseStore(self.db, self.namespace).hold(labels={"cargohold.io/pull": str(reference)}) as lease:
             store = self.content.with_lease(lease.id)
-            fetcher = self.resolver.fetcher(reference)
+            fetcher = resolver.fetcher(reference)
             matcher = _matcher(platforms)
             fetched: list[Descriptor] = []
             present: list[Descriptor] = []
@@ -319,9 +322,16 @@ class ClientBase:
         fetch: FetchFn | None = None
         if fetch_missing:
             fetch = self._registry_fetch_fn(image.name)
-        return self._unpacker(snapshotter, fetch).unpack(
-            resolved, layer_labels=self._layer_labels_fn(image.name, resolved) if layer_labels else None
-        )
+        # A lease keeps the snapshots this unpack commits safe from a concurrent gc until the config's
+        # gc.ref.snapshot label (set at the end) references them.
+        leases = LeaseStore(self.db, self.namespace)
+        with leases.hold(labels={"cargohold.io/unpack": image.name}) as lease:
+            unpacker = self._unpacker(snapshotter, fetch, self.content.with_lease(lease.id))
+            kind = snapshot_kind(unpacker.snapshotter.name)
+            unpacker.hold = lambda key: leases.add_resource(lease.id, kind, key)
+            return unpacker.unpack(
+                resolved, layer_labels=self._layer_labels_fn(image.name, resolved) if layer_labels else None
+            )
 
     def _registry_fetch_fn(self, image_name: str) -> FetchFn | None:
         try:

@@ -1,9 +1,92 @@
-"""`cargohold` commands: runtime. Never import ``cargohold.cli.main`` here (it runs as __main__)."""
+"""`cargohold` commands: runtime. Never import ``cargohold.cli.main`` here (it runs as __main__).
+
+``serve cri`` runs the CRI image service on a unix socket; ``snapshots prepare`` makes a container rootfs for a
+runtime handler (unpacking the image into that handler's snapshotter first when needed).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from cargohold.cli.common import State, output_option, pass_state
+from cargohold.cli.output import emit_json, eprint
+from cargohold.errors import InvalidArgumentError
+from cargohold.snapshots.base import Mount
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the top-level group (and to its subgroups, e.g. ``cli.commands["snapshots"]``)."""
+    cli.add_command(serve)
+    snapshots = cli.commands["snapshots"]
+    if not isinstance(snapshots, click.Group):
+        raise TypeError("cargohold: the snapshots command is not a group")
+    snapshots.add_command(snapshots_prepare)
+
+
+@click.group()
+def serve() -> None:
+    """Run cargohold as a service."""
+
+
+@serve.command("cri")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Unix socket to listen on (created with mode 0660; removed on exit).")
+@click.option("--namespace", default="k8s.io", show_default=True, help="Namespace of the images served.")
+@pass_state
+def serve_cri(state: State, socket_path: Path, namespace: str) -> None:
+    """Serve Kubernetes' CRI image service (runtime.v1) until SIGTERM or SIGINT.
+
+    Runtime handlers' snapshotters, the sandbox image and disable_snapshot_annotations come from the config.
+    """
+    from cargohold.cri.server import serve as serve_socket  # grpc is loaded only for the service
+
+    client = state.client(namespace=namespace)
+    try:
+        serve_socket(client, socket_path,
+                     ready=lambda server: eprint(f"cargohold: CRI image service on {server.address} "
+                                                 f"(namespace {namespace}, root {client.root})"))
+    finally:
+        client.close()
+    eprint("cargohold: CRI image service stopped")
+
+
+def _mounts_json(mounts: list[Mount]) -> list[dict[str, object]]:
+    return [{"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)} for m in mounts]
+
+
+@click.command("prepare")
+@click.argument("key")
+@click.option("--image", required=True, help="Image name, digest reference or id (already in the store).")
+@click.option("--runtime-handler", default="", help="Runtime handler whose snapshotter to use (config "
+              "[runtimes.NAME]); default: the default snapshotter.")
+@click.option("--readonly", is_flag=True, help="A read-only view instead of a writable snapshot.")
+@output_option
+@pass_state
+@click.pass_context
+def snapshots_prepare(ctx: click.Context, state: State, key: str, image: str, runtime_handler: str, readonly: bool,
+                      output: str) -> None:
+    """Prepare the rootfs snapshot KEY of a container from IMAGE for a runtime handler; print its mounts.
+
+    The image is unpacked into the handler's snapshotter first when it is not there yet (never pulled: blobs
+    missing from the store are an error naming them).
+    """
+    client = state.client()
+    try:
+        wanted = ctx.meta.get("snapshotter")
+        snapshotter = client.snapshotter_for(runtime_handler)
+        if wanted and wanted != snapshotter:
+            raise InvalidArgumentError(
+                f"--snapshotter {wanted}: runtime handler {runtime_handler or '(default)'} uses snapshotter "
+                f"{snapshotter}")
+        mounts = client.prepare_rootfs(key, image, runtime_handler, readonly=readonly)
+    finally:
+        client.close()
+    if output == "json":
+        emit_json({"key": key, "snapshotter": snapshotter, "mounts": _mounts_json(mounts)})
+        return
+    for m in mounts:
+        opts = ",".join(m.options)
+        click.echo(f"mount -t {m.type} {m.source} <target>{'/' + m.target if m.target else ''}"
+                   + (f" -o {opts}" if opts else ""))
