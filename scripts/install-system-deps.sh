@@ -13,6 +13,12 @@ if [ "$what" = bench ] || [ "$what" = test ]; then
   have skopeo || need="$need skopeo"
   have umoci || need="$need umoci"
 fi
+if [ "$what" = test ]; then
+  # tests/test_proxy_snapshotter.py builds a stargz remote snapshotter with shared/tools/stargz-grpc/build.sh
+  have go || need="$need golang-go"
+  dpkg -s golang-github-containerd-stargz-snapshotter-dev >/dev/null 2>&1 || need="$need golang-github-containerd-stargz-snapshotter-dev"
+  dpkg -s golang-github-hanwen-go-fuse-dev >/dev/null 2>&1 || need="$need golang-github-hanwen-go-fuse-dev"
+fi
 [ -n "$need" ] || exit 0
 echo "installing Debian packages:$need" >&2
 if [ "$(id -u)" -eq 0 ]; then sudo=""; elif have sudo; then sudo="sudo"; else

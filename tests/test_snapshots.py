@@ -1,4 +1,5 @@
-"""Snapshotter conformance: one suite over native and overlayfs; real mounts, processes and files."""
+"""Snapshotter conformance: one suite over native, overlayfs and the gRPC proxy to a real stargz daemon; real
+mounts, processes and files."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -41,10 +43,30 @@ from cargohold.snapshots import (
     with_temp_mount,
 )
 from cargohold.snapshots.local import LocalSnapshotter
+from support.stargz import stargz_binary, stargz_daemon  # noqa: F401 (fixtures)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="snapshot tests mount filesystems: needs root")
 
-IMPLS = ["native", "overlayfs"]
+PROXY = "stargz"  # ProxySnapshotter -> a stargz daemon (containerd's snapshots gRPC API)
+IMPLS = ["native", "overlayfs", PROXY]
+
+
+def local_only(reason: str) -> Callable[[F], F]:
+    """Mark a test that does not apply to the proxy snapshotter (e.g. it inspects local snapshot
+    directories); it is skipped there with ``reason``."""
+
+    def mark(fn: F) -> F:
+        fn.local_only = reason  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+ONE_KEY_SPACE = ("a remote snapshotter has one key space for all namespaces (containerd's metadata layer, not "
+                 "its proxy, namespaces keys)")
+LOCAL_DIRS = "inspects cargohold's local snapshot directories or opens a local snapshotter by name"
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -135,6 +157,14 @@ def _open(name: str, root: Path, db: MetadataDB, namespace: str = "default") -> 
 
 @pytest.fixture(params=IMPLS)
 def sn(request: pytest.FixtureRequest, root: Path, db: MetadataDB) -> Iterator[LocalSnapshotter]:
+    if request.param == PROXY:
+        reason = getattr(request.function, "local_only", "")
+        if reason:
+            pytest.skip(f"not for the proxy snapshotter: {reason}")
+        snapshotter = request.getfixturevalue("stargz_daemon").snapshotter()
+        yield snapshotter
+        snapshotter.close()
+        return
     snapshotter = _open(request.param, root, db)
     yield snapshotter
     snapshotter.close()
@@ -209,6 +239,7 @@ def test_prepare_commit_child_view_sees_merged_tree(sn: LocalSnapshotter, root: 
         assert exc.value.errno == errno.EROFS
 
 
+@local_only(LOCAL_DIRS)
 def test_mount_shapes(sn: LocalSnapshotter, root: Path) -> None:
     def fs(key: str) -> str:
         return str(sn.snapshot_dir(key) / "fs")
@@ -307,6 +338,7 @@ def test_walk_with_filters(sn: LocalSnapshotter) -> None:
             sn.walk(bad)  # raised at the call, not at the first next()
 
 
+@local_only("asserts native or overlayfs usage of a child (tests/test_proxy_snapshotter.py covers usage)")
 def test_usage_counts_bytes_and_inodes(sn: LocalSnapshotter, root: Path) -> None:
     sn.prepare("u")
     empty = sn.usage("u")
@@ -339,6 +371,7 @@ def test_usage_counts_bytes_and_inodes(sn: LocalSnapshotter, root: Path) -> None
         sn.usage("missing")
 
 
+@local_only(LOCAL_DIRS)
 def test_remove(sn: LocalSnapshotter, root: Path) -> None:
     _commit_tree(sn, root, "base", {"f": "1"})
     sn.prepare("leaf", "base")
@@ -361,6 +394,7 @@ def test_remove(sn: LocalSnapshotter, root: Path) -> None:
     assert snapshot_dirs(root, sn.name) == []
 
 
+@local_only(LOCAL_DIRS)
 def test_error_kinds(sn: LocalSnapshotter, root: Path) -> None:
     with pytest.raises(NotFoundError, match="missing-parent"):
         sn.prepare("x", "missing-parent")
@@ -396,6 +430,7 @@ def test_error_kinds(sn: LocalSnapshotter, root: Path) -> None:
         sn.stat("done")
 
 
+@local_only(ONE_KEY_SPACE)
 def test_namespaces_are_separate(sn: LocalSnapshotter, root: Path, db: MetadataDB) -> None:
     other = _open(sn.name, root, db, "other")
     sn.prepare("k", labels={"ns": "default"})
@@ -408,6 +443,7 @@ def test_namespaces_are_separate(sn: LocalSnapshotter, root: Path, db: MetadataD
         sn.stat("k")
 
 
+@local_only(LOCAL_DIRS)
 def test_reopen_sees_same_snapshots(sn: LocalSnapshotter, root: Path) -> None:
     _commit_tree(sn, root, "base", {"a/b": "persisted"})
     sn.prepare("work", "base")
@@ -442,6 +478,7 @@ RACER = textwrap.dedent(
 )
 
 
+@local_only(LOCAL_DIRS)
 def test_processes_preparing_same_key_one_wins(sn: LocalSnapshotter, root: Path) -> None:
     # A parent with some files makes the native copy slow enough for all racers to pass the first check.
     _commit_tree(sn, root, "parent", {f"d{i // 50}/f{i}": str(i) for i in range(400)})
@@ -473,6 +510,7 @@ def test_processes_preparing_same_key_one_wins(sn: LocalSnapshotter, root: Path)
         assert (mnt / "d7/f399").read_text() == "399"
 
 
+@local_only(LOCAL_DIRS)
 def test_threads_prepare_in_parallel(sn: LocalSnapshotter, root: Path) -> None:
     _commit_tree(sn, root, "parent", {f"f{i}": str(i) for i in range(100)})
     keys = [f"k{i}" for i in range(6)] + ["dup"] * 4
@@ -530,6 +568,7 @@ def test_killed_prepare_leaves_no_snapshot(root: Path, db: MetadataDB) -> None:
         assert len([f for _, _, fs in os.walk(mnt) for f in fs]) == len(files)
 
 
+@local_only(LOCAL_DIRS)
 def test_open_removes_orphans_but_not_live_scratch(sn: LocalSnapshotter, root: Path, db: MetadataDB) -> None:
     from cargohold.snapshots.dirs import Scratch
 
@@ -595,6 +634,8 @@ def _meta(path: Path) -> dict[str, tuple[object, ...]]:
     return out
 
 
+@local_only("stargz, like containerd 1.6's overlay snapshotter, creates a child's upper dir 0755 (only the owner "
+            "is copied from the parent), so the merged root does not keep the parent's mode")
 def test_child_preserves_file_metadata(sn: LocalSnapshotter, root: Path) -> None:
     sn.prepare("p")
     with mounted(sn, "p", root) as mnt:
