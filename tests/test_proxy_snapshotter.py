@@ -415,13 +415,10 @@ def _config_toml(socket: Path) -> str:
     )
 
 
-def _stargz_config(registry_host: str, *, verify: bool = True) -> str:
+def _stargz_config(registry_host: str) -> str:
     # The test registry speaks plain HTTP on loopback: tell stargz's resolver so (its default is https).
     text = f'[[resolver.host."{registry_host}".mirrors]]\nhost = "{registry_host}"\ninsecure = true\n'
-    text = "no_background_fetch = true\n" + text
-    if not verify:
-        text = "disable_verification = true\n" + text
-    return text
+    return "no_background_fetch = true\n" + text
 
 
 def _tree(path: Path) -> dict[str, str]:
@@ -497,6 +494,17 @@ def test_pull_into_stargz_ordinary_image_falls_back_to_local_apply(
                 assert _tree(mnt) == expected
             sn.remove("check")
 
+            # cargohold mount/unmount on the proxy: the mount's snapshot lives in the daemon and goes with unmount.
+            target = tmp_path / "mounted"
+            target.mkdir()
+            client.mount(ref, target, snapshotter=name)
+            try:
+                assert _tree(target) == expected
+            finally:
+                client.unmount(target)
+            assert not _mounts_under(target)
+            assert list(sn.walk("kind==view")) == []
+
             # A second pull finds the snapshots in the daemon and, remote, fetches nothing.
             again = client.pull(ref, snapshotter=name, layer_labels=True)
             assert again.unpack is not None
@@ -531,7 +539,7 @@ def test_pull_into_stargz_estargz_layer_is_lazy_and_never_fetched(
     why = _fuse_usable()
     if why:
         pytest.skip(f"lazy eStargz layers need FUSE: {why}")
-    from support.estargz import estargz_image
+    from support.estargz import TOC_DIGEST_ANNOTATION, estargz_image
 
     lazy_files = {"app/bin/server": b"#!/bin/sh\necho lazy\n" * 50, "app/data/big.bin": os.urandom(300_000),
                   "app/README": b"served by stargz over FUSE\n"}
@@ -539,9 +547,9 @@ def test_pull_into_stargz_estargz_layer_is_lazy_and_never_fetched(
     img, lazy_tar = estargz_image(lazy_files, extra_layers=[top])
     samples.push(registry.url, "lazy/app", "v1", img)
     ref = f"{registry.host}/lazy/app:v1"
-    # cargohold's unpacker does not pass the layer's TOC-digest annotation on as a snapshot label (containerd
-    # does, for labels under containerd.io/snapshot/), so stargz cannot verify the TOC: let it skip that.
-    config = _stargz_config(registry.host, verify=False)
+    # The unpacker passes the layer's containerd.io/snapshot/stargz/toc.digest annotation on as a snapshot
+    # label (as containerd does): stargz verifies the TOC against it, with its default verification on.
+    config = _stargz_config(registry.host)
     with running_stargz(stargz_binary, tmp_path, config=config) as daemon:
         root = tmp_path / "root"
         root.mkdir()
@@ -564,6 +572,8 @@ def test_pull_into_stargz_estargz_layer_is_lazy_and_never_fetched(
             assert lazy_info.kind is Kind.COMMITTED
             assert lazy_info.labels["containerd.io/snapshot/remote"] == "remote snapshot"
             assert lazy_info.labels[CRI_LAYER_DIGEST] == str(img.layers[0].digest)
+            assert lazy_info.labels[TOC_DIGEST_ANNOTATION] == img.layers[0].annotations[TOC_DIGEST_ANNOTATION]
+            assert '"msg":"verified"' in log
             assert sn.stat(str(chains[1])).parent == str(chains[0])
 
             (tmp_path / "tree").mkdir()
@@ -608,9 +618,9 @@ def test_threads_share_one_channel(fake_server: tuple[str, _FakeSnapshots, _Reco
 def test_estargz_layer_verified_against_toc_digest_label(
     registry: Any, stargz_binary: Path, tmp_path: Path  # noqa: F811
 ) -> None:
-    """What containerd's unpacker gives stargz and cargohold's does not yet: the layer's
-    containerd.io/snapshot/stargz/toc.digest annotation as a snapshot label. With it stargz verifies the TOC
-    (and every chunk as it is read) and serves the layer lazily; this also checks support/estargz.py."""
+    """The layer's containerd.io/snapshot/stargz/toc.digest annotation as a snapshot label, straight to the
+    proxy (the unpacker passes it on in the pull test): stargz verifies the TOC (and every chunk as it is read)
+    and serves the layer lazily; this also checks support/estargz.py."""
     why = _fuse_usable()
     if why:
         pytest.skip(f"lazy eStargz layers need FUSE: {why}")

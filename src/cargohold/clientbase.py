@@ -411,7 +411,7 @@ class ClientBase:
         dest = Path(target).resolve()
         key = _mount_key(dest)
         unmount(dest)
-        for name in known_snapshotters():
+        for name in [*known_snapshotters(), *self.config.snapshotters]:
             try:
                 sn = self.snapshotter(name)
                 sn.stat(key)

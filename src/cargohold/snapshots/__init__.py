@@ -1,5 +1,6 @@
 """Snapshotters: containerd's Snapshotter interface (``base``), the ``native`` and ``overlayfs``
-implementations, and mount helpers. A gRPC proxy snapshotter can register itself in ``SNAPSHOTTERS``.
+implementations, and mount helpers. ``SNAPSHOTTERS`` holds the local ones; a snapshotter served over
+containerd's snapshots gRPC API (``proxy``) is opened by name and socket with ``open_proxy_snapshotter``.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ class Mount:
 
 @runtime_checkable
 class Snapshotter(Protocol):
-    """containerd's Snapshotter. Keys are scoped to the namespace the instance was opened for.
+    """containerd's Snapshotter. Keys of the local snapshotters are scoped to the namespace the instance was
+    opened for; a proxy passes the namespace to its daemon, which may keep one key space for all (stargz does).
 
     Errors: ``NotFoundError`` (no such key/parent), ``AlreadyExistsError`` (key or commit name taken),
     ``FailedPreconditionError`` (remove of a snapshot with children, commit of a non-active snapshot,

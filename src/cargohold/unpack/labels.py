@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from cargohold.oci.descriptor import Descriptor
 
@@ -13,6 +13,10 @@ CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
+
+# Layer descriptor annotations under this prefix are passed on to the layer's snapshot, as containerd's
+# unpacker does (snapshots.FilterInheritedLabels): e.g. stargz's containerd.io/snapshot/stargz/toc.digest.
+INHERITED_PREFIX = "containerd.io/snapshot/"
 
 # containerd refuses labels whose key + value exceed 4096 bytes.
 MAX_LABEL_SIZE = 4096
@@ -38,3 +42,8 @@ def cri_layer_labels(image_ref: str, manifest_digest: str, layers: Sequence[Desc
         CRI_LAYER_DIGEST: str(layers[index].digest),
         CRI_IMAGE_LAYERS: image_layers_label(layers[index:]),
     }
+
+
+def inherited_labels(annotations: Mapping[str, str]) -> dict[str, str]:
+    """The annotations of a layer descriptor that its snapshot inherits as labels."""
+    return {k: v for k, v in annotations.items() if k.startswith(INHERITED_PREFIX)}

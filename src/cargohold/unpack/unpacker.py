@@ -44,7 +44,7 @@ from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.snapshots.base import Kind, Snapshotter
 from cargohold.snapshots.mount import mount_all, unmount
-from cargohold.unpack.labels import GC_REF_SNAPSHOT, SNAPSHOT_REF, UNCOMPRESSED
+from cargohold.unpack.labels import GC_REF_SNAPSHOT, SNAPSHOT_REF, UNCOMPRESSED, inherited_labels
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class Unpacker:
                 fetched = self._ensure_content(layer)
                 return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="exists",
                                     fetched=fetched)
-            labels = {SNAPSHOT_REF: str(chain), **extra_labels}
+            labels = {SNAPSHOT_REF: str(chain), **inherited_labels(layer.annotations), **extra_labels}
             key = f"extract-{time.time_ns()}-{os.getpid()}-{chain.hex[:12]}"
             if self.remote:
                 _wait(committed, i - 1, failed)
