@@ -26,17 +26,9 @@ from cargohold.metadata.db import utcnow
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.digest import Digest
 from cargohold.snapshots.base import Kind
+from support.cli import cli_bytes as cli
 
 PLATFORMS = ("linux/amd64", "linux/arm64", "linux/arm/v7")
-
-
-def cli(root: Path, *args: str, check: bool = True, stdin: bytes | None = None
-        ) -> subprocess.CompletedProcess[bytes]:
-    proc = subprocess.run([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), *args],
-                          input=stdin, capture_output=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cargohold {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
-    return proc
 
 
 def multi_arch() -> samples.SampleIndex:

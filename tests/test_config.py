@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from cargohold.client import Client
 from cargohold.config import DEFAULT_SANDBOX_IMAGE, Config, find_config, load_config
 from cargohold.devtools import samples
 from cargohold.errors import InvalidArgumentError
+from support.cli import cli
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -123,27 +122,22 @@ def test_client_reads_root_config(tmp_path: Path) -> None:
         "overlayfs", 2, Path("/h"))
 
 
-def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), *args],
-                          text=True, capture_output=True, timeout=60)
-
-
 def test_cli_config_option_and_errors(registry, tmp_path: Path) -> None:
     img = samples.build_image([samples.small_base_layer()])
     samples.push(registry.url, "cfg/app", "v1", img)
     root = tmp_path / "root"
     cfg = tmp_path / "c.toml"
     cfg.write_text("snapshotter = 'native'\n")
-    proc = _cli(root, "--config", str(cfg), "pull", f"{registry.host}/cfg/app:v1", "--output", "json")
+    proc = cli(root, "--config", str(cfg), "pull", f"{registry.host}/cfg/app:v1", "--output", "json", check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["unpack"]["snapshotter"] == "native"
 
     cfg.write_text("snapshoter = 'native'\n")
-    bad = _cli(root, "--config", str(cfg), "images", "ls")
+    bad = cli(root, "--config", str(cfg), "images", "ls", check=False)
     assert bad.returncode == 2
     assert bad.stderr.startswith("cargohold: error: config ")
     assert "unknown key(s) snapshoter" in bad.stderr
 
-    missing = _cli(root, "--config", str(tmp_path / "nope.toml"), "images", "ls")
+    missing = cli(root, "--config", str(tmp_path / "nope.toml"), "images", "ls", check=False)
     assert missing.returncode == 2
     assert "no such file" in missing.stderr

@@ -13,7 +13,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -49,6 +48,7 @@ from cargohold.snapshots.base import Kind
 from cargohold.snapshots.mount import mount_all, unmount
 from cargohold.unpack import labels as L
 from support import BasicAuthRegistry, TokenRegistry
+from support.cli import cargohold_cmd, cli
 
 CRI_LABELS = (L.CRI_IMAGE_REF, L.CRI_MANIFEST_DIGEST, L.CRI_LAYER_DIGEST, L.CRI_IMAGE_LAYERS)
 CONFIG = """
@@ -462,13 +462,6 @@ def test_auth_config_parsing() -> None:
 # -- the command line ----------------------------------------------------------------------------------------
 
 
-def cli(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), *args], text=True,
-                          capture_output=True, timeout=120, env=env)
-    assert proc.returncode == 0, f"cargohold {' '.join(args)} exited {proc.returncode}: {proc.stderr}"
-    return proc
-
-
 def test_cli_serve_cri_and_snapshots_prepare(registry: RegistryProcess, sock_dir: Path, tmp_path: Path) -> None:
     img = image_with({"etc/motd": b"from the cli\n"})
     samples.push(registry.url, "cli/app", "v1", img)
@@ -476,8 +469,8 @@ def test_cli_serve_cri_and_snapshots_prepare(registry: RegistryProcess, sock_dir
     root = make_root(tmp_path)
     sock = sock_dir / "cri.sock"
     env = {**os.environ, "DOCKER_CONFIG": str(tmp_path / "no-docker-config")}
-    proc = subprocess.Popen([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), "serve", "cri",
-                             "--socket", str(sock)], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cargohold_cmd(root, "serve", "cri",
+                             "--socket", str(sock)), stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,7 @@ from cargohold.devtools import samples
 from cargohold.errors import DigestMismatchError, NotFoundError
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.digest import Digest
-
-
-def cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), *args],
-                          text=True, capture_output=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cargohold {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-    return proc
+from support.cli import cargohold_cmd, cli
 
 
 def two_layer_image(**kw: object) -> samples.SampleImage:
@@ -145,8 +137,8 @@ def test_cli_pull_json_ls_get_check_and_errors(registry, tmp_path: Path) -> None
     listed = json.loads(cli(root, "images", "ls", "--output", "json").stdout)
     assert [(i["name"], i["digest"]) for i in listed] == [(ref, str(img.digest))]
 
-    got = subprocess.run([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), "content", "get",
-                          str(img.layers[0].digest)], capture_output=True, timeout=60)
+    got = subprocess.run(cargohold_cmd(root, "content", "get",
+                          str(img.layers[0].digest)), capture_output=True, timeout=60)
     assert got.returncode == 0 and got.stdout == img.layers[0].data
 
     check = json.loads(cli(root, "images", "check", ref, "--output", "json").stdout)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,17 +21,10 @@ from cargohold.oci.platform import Platform, PlatformMatcher
 from cargohold.remotes.credentials import Credentials, StaticCredentials
 from cargohold.remotes.push import plan_push
 from support import BasicAuthRegistry, TokenRegistry
+from support.cli import cli
 from support.faultproxy import FaultProxy
 
 RegistryFactory = Callable[..., RegistryProcess]
-
-
-def cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), *args],
-                          text=True, capture_output=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cargohold {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-    return proc
 
 
 def two_layer_image(seed: int = 3, **kw: object) -> samples.SampleImage:

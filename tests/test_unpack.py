@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cargohold.errors import DigestMismatchError, UnsafePathError
 from cargohold.oci import mediatypes as mt
 from cargohold.snapshots.base import Kind
 from cargohold.unpack import labels as L
+from support.cli import cargohold_cmd, cli
 
 SNAPSHOTTERS = ["overlayfs", "native"]
 
@@ -61,14 +61,6 @@ TOP = [
 def rich_image(compression: str = "gzip", level: int | None = None) -> samples.SampleImage:
     return samples.build_image([samples.tar_layer(BASE), samples.tar_layer(TOP)], compression=compression,
                                level=level)
-
-
-def cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), *args],
-                          text=True, capture_output=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cargohold {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-    return proc
 
 
 def committed(client: Client, snapshotter: str) -> dict[str, dict[str, str]]:
@@ -206,8 +198,8 @@ def test_concurrent_unpacks_of_one_chain_do_the_work_once(registry, tmp_path: Pa
     root = tmp_path / "root"
     ref = f"{registry.host}/race:v1"
     Client(root)  # create the root before racing
-    procs = [subprocess.Popen([sys.executable, "-m", "cargohold.cli.main", "--root", str(root), "pull",
-                               "--snapshotter", "overlayfs", ref, "--output", "json"],
+    procs = [subprocess.Popen(cargohold_cmd(root, "pull",
+                               "--snapshotter", "overlayfs", ref, "--output", "json"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = []
     for p in procs:

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 from cargohold.content.store import Provider
 from cargohold.errors import InvalidArgumentError, NotFoundError
-from cargohold.images.handlers import read_manifest_or_index
-from cargohold.images.image import provider_has
+from cargohold.images.image import walk_required
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
@@ -121,33 +120,9 @@ def select(provider: Provider, target: Descriptor, platforms: Sequence[Platform]
            ) -> Selection:
     """Walk ``target`` for the platforms (all with ``all_platforms``); a missing manifest or index is listed
     and its children, unknown, are not."""
-    required: list[Descriptor] = []
-    missing: list[Descriptor] = []
-    manifests: list[Descriptor] = []
-    seen: set[Digest] = set()
-
-    def visit(desc: Descriptor) -> None:
-        if desc.digest in seen:
-            return
-        seen.add(desc.digest)
-        required.append(desc)
-        if not provider_has(provider, desc.digest):
-            missing.append(desc)
-            return
-        if not (mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type)):
-            return
-        doc = read_manifest_or_index(provider, desc)
-        if isinstance(doc, Index):
-            for kid in choose_children(doc, desc, platforms, all_platforms):
-                visit(kid)
-        else:
-            manifests.append(desc)
-            visit(doc.config)
-            for layer in doc.layers:
-                visit(layer)
-
-    visit(target)
-    return Selection(target=target, required=tuple(required), missing=tuple(missing), manifests=tuple(manifests))
+    walked = walk_required(provider, target, None,
+                           choose=lambda index, where: choose_children(index, where, platforms, all_platforms))
+    return Selection(target=target, required=walked.required, missing=walked.missing, manifests=walked.manifests)
 
 
 def missing_message(what: str, missing: Sequence[tuple[str, Descriptor]]) -> str:

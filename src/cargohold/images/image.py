@@ -3,7 +3,7 @@ and whether every blob the image needs is present."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cargohold.content.store import Provider
@@ -105,42 +105,49 @@ class CheckResult:
     manifests: tuple[Descriptor, ...]
 
 
-def walk_required(provider: Provider, target: Descriptor, matcher: PlatformMatcher | None) -> CheckResult:
+ChooseChildren = Callable[[Index, Descriptor], Sequence[Descriptor]]
+"""Which children of an index (at the given descriptor) an image walk follows."""
+
+
+def walk_required(provider: Provider, target: Descriptor, matcher: PlatformMatcher | None, *,
+                  choose: ChooseChildren | None = None) -> CheckResult:
     """Every blob the image needs for ``matcher`` (all platforms when None), and which are missing.
 
-    The target and an index's chosen manifests are required; an index's other platforms are not.
+    The target and an index's chosen manifests are required; an index's other platforms are not. ``choose``
+    replaces the matcher's choice of an index's children. A missing manifest or index is listed and its
+    children, unknown, are not.
     """
     required: list[Descriptor] = []
     missing: list[Descriptor] = []
     manifests: list[Descriptor] = []
     seen: set[Digest] = set()
 
-    def need(desc: Descriptor) -> bool:
+    def by_matcher(index: Index, where: Descriptor) -> Sequence[Descriptor]:
+        if matcher is None:
+            return index.manifests
+        return [_best_in_index(provider, index, matcher, where)] if _has_match(index, matcher) else []
+
+    pick = choose or by_matcher
+
+    def visit(desc: Descriptor) -> None:
         if desc.digest in seen:
-            return False
+            return
         seen.add(desc.digest)
         required.append(desc)
         if not provider_has(provider, desc.digest):
             missing.append(desc)
-            return False
-        return True
-
-    def visit(desc: Descriptor) -> None:
-        if not need(desc):
             return
-        if mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type):
-            doc = read_manifest_or_index(provider, desc)
-            if isinstance(doc, Index):
-                kids: Sequence[Descriptor] = doc.manifests
-                if matcher is not None:
-                    kids = [_best_in_index(provider, doc, matcher, desc)] if _has_match(doc, matcher) else []
-                for kid in kids:
-                    visit(kid)
-            else:
-                manifests.append(desc)
-                visit(doc.config)
-                for layer in doc.layers:
-                    visit(layer)
+        if not (mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type)):
+            return
+        doc = read_manifest_or_index(provider, desc)
+        if isinstance(doc, Index):
+            for kid in pick(doc, desc):
+                visit(kid)
+        else:
+            manifests.append(desc)
+            visit(doc.config)
+            for layer in doc.layers:
+                visit(layer)
 
     visit(target)
     return CheckResult(complete=not missing, required=tuple(required), missing=tuple(missing),
