@@ -19,7 +19,7 @@ from cargohold.events import Event
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.platform import Platform, PlatformMatcher
 from cargohold.remotes.credentials import Credentials, StaticCredentials
-from cargohold.remotes.push import plan_push
+from cargohold.remotes.pushplan import plan_push
 from support import BasicAuthRegistry, TokenRegistry
 from support.cli import cli
 from support.faultproxy import FaultProxy

@@ -20,14 +20,8 @@ from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.oci.platform import Platform, PlatformMatcher
 from cargohold.oci.reference import Reference
-from cargohold.remotes.push import (
-    DEFAULT_CHUNK_THRESHOLD,
-    DEFAULT_CONCURRENCY,
-    Pusher,
-    PushPlan,
-    plan_push,
-    push_image,
-)
+from cargohold.remotes.push import DEFAULT_CHUNK_THRESHOLD, DEFAULT_CONCURRENCY, Pusher
+from cargohold.remotes.pushplan import PushPlan, plan_push, push_image
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

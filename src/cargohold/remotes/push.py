@@ -1,20 +1,16 @@
 """Push to a registry: blobs (HEAD skip, cross-repo mount, monolithic or chunked upload), then manifests.
 
-A ``Pusher`` speaks the distribution spec's push API to one repository; ``plan_push`` reads the image graph
-from a content store (children, platform choice, what is missing) and ``push_image`` walks the plan in
-dependency order: blobs first, a few at a time, then manifests, the tagged target last.
+A ``Pusher`` speaks the distribution spec's push API to one repository; ``cargohold.remotes.pushplan`` plans
+an image's push from a content store and walks it in dependency order.
 
 >>> pusher = Pusher(resolver, "127.0.0.1:5000/team/app:v1")  # doctest: +SKIP
->>> outcome = push_image(pusher, store, plan_push(store, image.target), tag="v1")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 from urllib.parse import urlencode, urljoin
@@ -25,19 +21,15 @@ from cargohold.errors import (
     DigestMismatchError,
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
     RegistryError,
     SizeMismatchError,
     UnauthorizedError,
     UnavailableError,
-    UnsupportedMediaTypeError,
 )
-from cargohold.events import Event, EventSink, discard
+from cargohold.events import Event
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
-from cargohold.oci.manifest import Index, parse_manifest_or_index
-from cargohold.oci.platform import PlatformMatcher
 from cargohold.oci.reference import Reference
 from cargohold.remotes.auth import pull_scope
 from cargohold.remotes.errors import parse_error_body, registry_error
@@ -186,7 +178,7 @@ class Pusher:
 
     def exists(self, desc: Descriptor) -> bool:
         """Whether the repository has ``desc``: HEAD ``/manifests/<digest>`` or ``/blobs/<digest>``."""
-        manifest = _is_manifest_like(desc.media_type)
+        manifest = is_manifest_like(desc.media_type)
         kind = "manifests" if manifest else "blobs"
         headers = {"Accept": ", ".join(dict.fromkeys([desc.media_type, mt.MANIFEST_ACCEPT]))} if manifest else {}
         resp = self._send("HEAD", self._url(f"{kind}/{desc.digest}"), headers=headers)
@@ -378,239 +370,12 @@ class Pusher:
         self._check_digest(resp, desc, what)
 
 
-# -- planning ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PushPlan:
-    """What a push sends, in order: ``levels[0]`` are the blobs, then manifests, then indexes; the last
-    level holds only ``target``, the descriptor the tag will point at.
-
-    ``missing`` are descriptors the store lacks (a push cannot start until it is empty); ``skipped`` are
-    non-distributable layers that are not uploaded. ``whole`` is False when a platform choice replaced an
-    index by one of its manifests.
-    """
-
-    root: Descriptor
-    target: Descriptor
-    levels: tuple[tuple[Descriptor, ...], ...]
-    missing: tuple[Descriptor, ...] = ()
-    skipped: tuple[Descriptor, ...] = ()
-
-    @property
-    def whole(self) -> bool:
-        return self.target.digest == self.root.digest
-
-    @property
-    def descriptors(self) -> tuple[Descriptor, ...]:
-        return tuple(d for level in self.levels for d in level)
-
-
-def plan_push(
-    source: PushSource,
-    root: Descriptor,
-    *,
-    matcher: PlatformMatcher | None = None,
-    allow_nondistributable: bool = False,
-) -> PushPlan:
-    """Read the graph under ``root`` from ``source`` and order it for pushing.
-
-    Without ``matcher`` everything under ``root`` is pushed. With one and an index ``root``: when every
-    manifest of the index matches, the index is pushed whole; otherwise only the best-matching manifest is,
-    and it becomes the target (what ``ctr push --platform`` does). NotFoundError when none matches.
-    """
-    target = root
-    if matcher is not None and mt.is_index(root.media_type) and source.exists(root.digest):
-        target = _choose(source, root, matcher)
-    heights: dict[Digest, int] = {}
-    order: list[Descriptor] = []
-    missing: list[Descriptor] = []
-    skipped: list[Descriptor] = []
-
-    def visit(desc: Descriptor, parent: Descriptor | None) -> int:
-        known = heights.get(desc.digest)
-        if known is not None:
-            return known
-        if _is_manifest_like(desc.media_type):
-            if not source.exists(desc.digest):
-                missing.append(desc)
-                height = 2 if mt.is_index(desc.media_type) else 1
-            else:
-                kids = _children(source, desc)
-                height = 1 + max((visit(k, desc) for k in kids), default=0)
-        elif parent is not None and mt.is_index(parent.media_type):
-            raise UnsupportedMediaTypeError(
-                f"index {parent.digest}: entry {desc.describe()} is neither a manifest nor an index"
-            )
-        elif desc.media_type in mt.NON_DISTRIBUTABLE and not allow_nondistributable:
-            skipped.append(desc)
-            heights[desc.digest] = -1
-            return 0
-        else:
-            if not source.exists(desc.digest):
-                missing.append(desc)
-            height = 0
-        heights[desc.digest] = height
-        order.append(desc)
-        return height
-
-    visit(target, None)
-    top = max(heights.values(), default=0)
-    levels = [tuple(d for d in order if heights[d.digest] == h and d.digest != target.digest)
-              for h in range(top + 1)]
-    levels = [level for level in levels if level]
-    levels.append((target,))
-    return PushPlan(root=root, target=target, levels=tuple(levels), missing=tuple(missing), skipped=tuple(skipped))
-
-
-def _is_manifest_like(media_type: str) -> bool:
-    return mt.is_manifest(media_type) or mt.is_index(media_type)
-
-
-def _children(source: PushSource, desc: Descriptor) -> list[Descriptor]:
-    doc = parse_manifest_or_index(source.read_all(desc.digest), desc.media_type, where=desc.describe())
-    if isinstance(doc, Index):
-        return list(doc.manifests)
-    return [doc.config, *doc.layers]
-
-
-def _choose(source: PushSource, root: Descriptor, matcher: PlatformMatcher) -> Descriptor:
-    index = Index.parse(source.read_all(root.digest), root.media_type, where=root.describe())
-    manifests = list(index.manifests)
-    ranked = [(rank, i, m) for i, m in enumerate(manifests)
-              if mt.is_manifest(m.media_type) and (rank := matcher.rank(m.platform)) is not None]
-    if not ranked:
-        raise NotFoundError(f"index {root.digest}: no manifest for platform {matcher}")
-    if len(ranked) == len(manifests):
-        return root
-    return min(ranked, key=lambda t: (t[0], t[1]))[2]
-
-
-# -- the walk ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PushOutcome:
-    """What a push did: ``target`` is what the tag points at; every descriptor of the plan is in exactly one
-    of ``pushed`` (uploaded or PUT), ``mounted`` (cross-repository mount) and ``existing`` (already there)."""
-
-    target: Descriptor
-    pushed: tuple[Descriptor, ...]
-    mounted: tuple[Descriptor, ...]
-    existing: tuple[Descriptor, ...]
-
-
-def mount_candidates(source: PushSource, desc: Descriptor, pusher: Pusher) -> list[str]:
-    """Repositories of the destination registry that hold ``desc``, from its distribution-source label."""
-    try:
-        labels = source.info(desc.digest).labels
-    except NotFoundError:
-        return []
-    value = labels.get(f"{DISTRIBUTION_SOURCE}.{pusher.domain}", "")
-    return [repo for repo in dict.fromkeys(r.strip() for r in value.split(",")) if repo and repo != pusher.repository]
-
-
-def push_image(
-    pusher: Pusher,
-    source: PushSource,
-    plan: PushPlan,
-    *,
-    tag: str = "",
-    concurrency: int = DEFAULT_CONCURRENCY,
-    on_event: EventSink | None = None,
-) -> PushOutcome:
-    """Push a plan: each level after the one before, ``concurrency`` at a time; the target under ``tag``
-    (or its digest). A blob the repository has is skipped (HEAD); one whose distribution-source label names
-    another repository of the same registry is mounted from there. Events: action ``push``, status
-    running/done/exists/mounted/error, item the digest (the target's item is the reference).
-    """
-    if plan.missing:
-        raise FailedPreconditionError(
-            f"push to {pusher.name}: missing content: {', '.join(str(d.digest) for d in plan.missing)}"
-        )
-    emit = on_event or discard
-    lock = threading.Lock()
-    results: dict[str, list[Descriptor]] = {"pushed": [], "mounted": [], "existing": []}
-
-    def note(kind: str, desc: Descriptor) -> None:
-        with lock:
-            results[kind].append(desc)
-
-    def event(status: str, desc: Descriptor, current: int = 0, message: str = "") -> None:
-        emit(Event(action="push", status=status, item=str(desc.digest), media_type=desc.media_type,
-                   current=current, total=desc.size, message=message))
-
-    def one_blob(desc: Descriptor) -> None:
-        if pusher.exists(desc):
-            event("exists", desc, desc.size)
-            note("existing", desc)
-            return
-        upload: Upload | None = None
-        candidates = mount_candidates(source, desc, pusher)
-        for i, repo in enumerate(candidates):
-            upload = pusher.mount(desc, repo)
-            if upload is None:
-                event("mounted", desc, desc.size, f"from {repo}")
-                note("mounted", desc)
-                return
-            if i + 1 < len(candidates):
-                pusher.cancel(upload)
-                upload = None
-        event("running", desc)
-        with source.reader_at(desc.digest) as reader:
-            pusher.push_blob(desc, reader, upload=upload, progress=lambda sent: event("running", desc, sent))
-        event("done", desc, desc.size)
-        note("pushed", desc)
-
-    def one_manifest(desc: Descriptor) -> None:
-        is_target = desc.digest == plan.target.digest
-        where = tag if is_target and tag else ""
-        present = pusher.manifest_digest(where) == desc.digest if where else pusher.exists(desc)
-        if present:
-            event("exists", desc, desc.size)
-            note("existing", desc)
-            return
-        event("running", desc)
-        pusher.push_manifest(desc, source.read_all(desc.digest), tag=where)
-        event("done", desc, desc.size, f"{pusher.name}:{where}" if where else "")
-        note("pushed", desc)
-
-    def one(desc: Descriptor) -> None:
-        try:
-            if _is_manifest_like(desc.media_type):
-                one_manifest(desc)
-            else:
-                one_blob(desc)
-        except Exception as exc:
-            event("error", desc, message=str(exc))
-            raise
-
-    for level in plan.levels:
-        _run_all(one, level, concurrency)
-    return PushOutcome(target=plan.target, pushed=tuple(results["pushed"]), mounted=tuple(results["mounted"]),
-                       existing=tuple(results["existing"]))
-
-
-def _run_all(fn: Callable[[_T], None], items: Iterable[_T], concurrency: int) -> None:
-    """Run ``fn`` on every item, ``concurrency`` at a time; the first error cancels what has not started."""
-    todo = list(items)
-    if len(todo) <= 1 or concurrency <= 1:
-        for item in todo:
-            fn(item)
-        return
-    with ThreadPoolExecutor(max_workers=min(concurrency, len(todo)), thread_name_prefix="push") as pool:
-        futures: list[Future[None]] = [pool.submit(fn, item) for item in todo]
-        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in pending:
-            fut.cancel()
-        wait(pending)
-    for fut in futures:
-        error = None if fut.cancelled() else fut.exception()
-        if error is not None:
-            raise error
-
-
 # -- helpers -------------------------------------------------------------------------------------------------
+
+
+def is_manifest_like(media_type: str) -> bool:
+    """Manifests and indexes live under /manifests/, everything else under /blobs/."""
+    return mt.is_manifest(media_type) or mt.is_index(media_type)
 
 
 def _read_exact(reader: ReaderAt, desc: Descriptor, offset: int, n: int) -> bytes:
