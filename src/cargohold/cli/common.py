@@ -19,17 +19,25 @@ output_option = click.option(
     "--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
     help="json: machine-readable output on stdout (no progress).",
 )
-platform_options = [
-    click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
-                 help="Platform to use (repeatable). Default: the host's best match."),
-    click.option("--all-platforms", is_flag=True, help="Every platform of an index."),
-]
+HOST_DEFAULT = "Platform to use (repeatable). Default: the host's best match."
+WHOLE_DEFAULT = ("Only this platform of an index (repeatable): the index goes whole when all of its manifests "
+                 "match, else just the best-matching manifest. Default: the whole image.")
 
 
-def with_platforms(fn: F) -> F:
-    for opt in reversed(platform_options):
-        fn = opt(fn)
-    return fn
+def _platforms(whole_by_default: bool) -> Callable[[F], F]:
+    def decorate(f: F) -> F:
+        f = click.option("--all-platforms", is_flag=True, help="Every platform of an index" + (
+            " (the default)." if whole_by_default else "."))(f)
+        return click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
+                            help=WHOLE_DEFAULT if whole_by_default else HOST_DEFAULT)(f)
+
+    return decorate
+
+
+with_platforms = _platforms(whole_by_default=False)
+"""``--platform`` (repeatable) and ``--all-platforms``; without them, the host's best match (pull, export…)."""
+with_platforms_whole = _platforms(whole_by_default=True)
+"""The same options for commands that take the whole image without them (push, copy)."""
 
 
 class State:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cargohold.cli.common import State, output_option, pass_state, with_platforms
+from cargohold.cli.common import State, output_option, pass_state, with_platforms_whole
 from cargohold.cli.output import emit_json, human_size
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client
@@ -45,25 +45,13 @@ def push_summary(result: PushResult) -> str:
 def register(cli: click.Group) -> None:
     """Add ``push`` and ``copy`` to the top-level group."""
     for command in (push, copy):
-        _platform_help(command)
         cli.add_command(command)
-
-
-def _platform_help(command: click.Command) -> None:
-    """The shared platform options say "default: the host's best match", as pull does; push and copy take
-    the whole image by default."""
-    for param in command.params:
-        if isinstance(param, click.Option) and param.name == "platforms":
-            param.help = ("Only this platform of an index (repeatable): the index goes whole when all of its "
-                          "manifests match, else just the best-matching manifest. Default: the whole image.")
-        elif isinstance(param, click.Option) and param.name == "all_platforms":
-            param.help = "Every platform of an index (the default)."
 
 
 @click.command()
 @click.argument("ref")
 @click.argument("local", required=False)
-@with_platforms
+@with_platforms_whole
 @click.option("--user", "-u", metavar="USER[:PASSWORD]", help="Registry credentials (else ~/.docker/config.json).")
 @click.option("--max-concurrent-uploads", type=click.IntRange(1, 64), default=3, show_default=True,
               help="Blobs uploaded at once.")
@@ -95,7 +83,7 @@ def push(state: State, ref: str, local: str | None, platforms: tuple[str, ...], 
 @click.command()
 @click.argument("src")
 @click.argument("dst")
-@with_platforms
+@with_platforms_whole
 @click.option("--user", "-u", metavar="USER[:PASSWORD]", help="Credentials for both registries.")
 @click.option("--src-user", metavar="USER[:PASSWORD]", help="Credentials for the source registry only.")
 @click.option("--dest-user", metavar="USER[:PASSWORD]", help="Credentials for the destination registry only.")
