@@ -486,6 +486,14 @@ class ClientBase:
         return result, removed
 
     def close(self) -> None:
+        """Release the snapshotters (a proxy's gRPC channel), the registry connections and the database."""
+        with self._lock:
+            snapshotters, self._snapshotters = list(self._snapshotters.values()), {}
+            resolver, self._resolver = self._resolver, None
+        for sn in snapshotters:
+            sn.close()
+        if resolver is not None:
+            resolver.close()
         self.db.close()
 
 
