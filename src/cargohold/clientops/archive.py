@@ -18,13 +18,15 @@ from cargohold.images.archive import (
     ExportedImage,
     ExportResult,
     Selection,
+    missing_blobs,
     missing_message,
     normalize_name,
+    require_complete,
     select,
     wanted_platforms,
 )
 from cargohold.images.archive_export import atomic_output, write_archive
-from cargohold.images.archive_import import interpret, put_blob, read_archive
+from cargohold.images.archive_import import load_archive, put_blob
 from cargohold.images.handlers import children, set_children_labels
 from cargohold.images.image import manifest_for, resolve_manifest
 from cargohold.metadata.db import utcnow
@@ -84,7 +86,7 @@ class ArchiveOps(ClientBase):
         failures: list[str] = []
         for _ in range(8):  # each round may reveal children of the manifests it fetched
             selections = [select(self.content, img.target, wanted, all_platforms) for img in records]
-            missing = _missing(records, selections)
+            missing = missing_blobs(zip(records, selections, strict=True))
             if not missing or not fetch_missing:
                 break
             got = self._fetch_missing(missing, failures)
@@ -186,30 +188,18 @@ class ArchiveOps(ClientBase):
         where = str(source) if isinstance(source, (str, Path)) else "-"
         with leases.hold(labels={"cargohold.io/import": where[-200:]}) as lease:
             store = self.content.with_lease(lease.id)
-            if isinstance(source, (str, Path)):
-                try:
-                    stream: BinaryIO = open(source, "rb")  # noqa: SIM115 - closed below
-                except FileNotFoundError:
-                    raise NotFoundError(f"archive {source}: no such file") from None
-                with stream:
-                    contents = read_archive(store, stream, on_event=self.on_event)
-            else:
-                contents = read_archive(store, source, on_event=self.on_event)
-            archive = interpret(store, contents, base_name=base_name, digests=digests, today=utcnow().date(),
-                                on_event=self.on_event)
-
+            archive = load_archive(store, source, base_name=base_name, digests=digests, today=utcnow().date(),
+                                   on_event=self.on_event)
             selections = [select(store, img.target, wanted, all_platforms) for img in archive.images]
-            missing = [(f"image {img.names[0]}", d) for img, sel in zip(archive.images, selections, strict=True)
-                       for d in sel.missing]
-            if missing:
-                unique = list({d.digest: (n, d) for n, d in reversed(missing)}.values())[::-1]
-                raise FailedPreconditionError(missing_message(f"archive {where} is incomplete", unique))
+            require_complete(f"archive {where} is incomplete",
+                             [(f"image {img.names[0]}", sel) for img, sel in zip(archive.images, selections,
+                                                                                strict=True)])
             self._label_children(store, selections)
-            index_target: Descriptor | None = None
+            named: list[tuple[str, Descriptor]] = [(n, img.target) for img in archive.images for n in img.names]
             if index_name:
                 put_blob(store, archive.index_raw)
-                index_target = archive.index
-                set_children_labels(store, children(store))(index_target)
+                set_children_labels(store, children(store))(archive.index)
+                named.append((normalize_name(index_name), archive.index))
 
             unpacked: list[UnpackResult] = []
             if unpack:
@@ -219,17 +209,16 @@ class ArchiveOps(ClientBase):
             now = utcnow()
             labels = {LABEL_IMPORTED: now.strftime("%Y-%m-%dT%H:%M:%SZ")}
             recorded: list[Image] = []
-            named: list[tuple[str, Descriptor]] = [(n, img.target) for img in archive.images for n in img.names]
-            if index_target is not None and index_name:
-                named.append((normalize_name(index_name), index_target))
-            for name, target in named:
-                try:
-                    kept = dict(self.images.get(name).labels)  # re-importing a name keeps its other labels
-                except NotFoundError:
-                    kept = {}
-                recorded.append(self.images.put(Image(name=name, target=target, labels={**kept, **labels},
-                                                      created_at=now, updated_at=now)))
-                self.on_event(Event(action="import", status="info", item=name, message=str(target.digest)))
+            with self.db.transaction():  # every name or none
+                for name, target in named:
+                    try:
+                        kept = dict(self.images.get(name).labels)  # re-importing a name keeps its other labels
+                    except NotFoundError:
+                        kept = {}
+                    recorded.append(self.images.put(Image(name=name, target=target, labels={**kept, **labels},
+                                                          created_at=now, updated_at=now)))
+        for image in recorded:
+            self.on_event(Event(action="import", status="info", item=image.name, message=str(image.target.digest)))
         return ImportResult(images=tuple(recorded), format=archive.format, index=archive.index,
                             committed=archive.committed, present=archive.present, reused=archive.reused,
                             unpack=tuple(unpacked))
@@ -264,13 +253,3 @@ class ArchiveOps(ClientBase):
             results.append(unpacker.unpack(resolved))
         return results
 
-
-def _missing(records: Sequence[Image], selections: Sequence[Selection]) -> list[tuple[Image, Descriptor]]:
-    out: list[tuple[Image, Descriptor]] = []
-    seen: set[Digest] = set()
-    for img, sel in zip(records, selections, strict=True):
-        for desc in sel.missing:
-            if desc.digest not in seen:
-                seen.add(desc.digest)
-                out.append((img, desc))
-    return out

@@ -29,18 +29,18 @@ from cargohold.clientbase import DISTRIBUTION_SOURCE
 from cargohold.clientops.archive import ArchiveOps
 from cargohold.clientops.push import PushOps, PushResult
 from cargohold.content.namespaced import NamespacedStore
-from cargohold.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from cargohold.errors import InvalidArgumentError, NotFoundError
 from cargohold.events import Event
 from cargohold.images.archive import (
     ANNOTATION_REF_NAME,
     ArchiveImage,
-    missing_message,
     normalize_name,
+    require_complete,
     select,
     wanted_platforms,
 )
 from cargohold.images.archive_export import atomic_output, write_archive
-from cargohold.images.archive_import import interpret, read_archive
+from cargohold.images.archive_import import load_archive
 from cargohold.images.handlers import Handler, children, compose, dispatch, filter_platforms, set_children_labels
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.images import Image
@@ -225,21 +225,13 @@ class CopyOps(ArchiveOps, PushOps):
         """Read an archive file into ``store`` (no image record) and pick its image: the one named, or the
         only one."""
         assert source.path is not None
-        try:
-            stream = open(source.path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise NotFoundError(f"archive {source.path}: no such file") from None
-        with stream:
-            contents = read_archive(store, stream, on_event=self.on_event)
-        archive = interpret(store, contents, base_name=None, digests=False, today=utcnow().date(),
-                            on_event=self.on_event)
+        archive = load_archive(store, source.path, base_name=None, digests=False, today=utcnow().date(),
+                               on_event=self.on_event)
         chosen = _pick(archive.images, source)
         target = Descriptor(media_type=chosen.target.media_type, digest=chosen.target.digest,
                             size=chosen.target.size)
         selection = select(store, target, _platforms(wanted), not wanted)
-        if selection.missing:
-            raise FailedPreconditionError(missing_message(
-                f"archive {source.path} is incomplete", [(f"image {chosen.names[0]}", d) for d in selection.missing]))
+        require_complete(f"archive {source.path} is incomplete", [(f"image {chosen.names[0]}", selection)])
         self._label_children(store, [selection])
         return _Source(root=target, name=chosen.names[0])
 
@@ -271,9 +263,7 @@ class CopyOps(ArchiveOps, PushOps):
         image = Image(name=normalize_name(dest.name or got.name), target=got.root)
         platforms = _platforms(wanted)
         selection = select(store, got.root, platforms, not wanted)
-        if selection.missing:
-            raise FailedPreconditionError(missing_message(
-                f"copy to {dest}", [(f"image {got.name}", d) for d in selection.missing]))
+        require_complete(f"copy to {dest}", [(f"image {got.name}", selection)])
         with atomic_output(dest.path) as out:
             write_archive(store, [image], [selection], platforms, out, on_event=self.on_event)
         return dest.path

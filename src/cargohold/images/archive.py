@@ -12,11 +12,13 @@ This module holds the names, the platform selection both directions apply, and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import TypeVar
 
 from cargohold.content.store import Provider
-from cargohold.errors import InvalidArgumentError, NotFoundError
+from cargohold.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cargohold.images.image import walk_required
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
@@ -32,6 +34,7 @@ OCI_LAYOUT_VERSION = "1.0.0"
 INDEX_FILE = "index.json"
 DOCKER_MANIFEST_FILE = "manifest.json"
 LABEL_IMPORTED = "cargohold.io/imported"
+T = TypeVar("T")
 
 
 def blob_path(digest: Digest) -> str:
@@ -68,6 +71,35 @@ def normalize_name(name: str) -> str:
         return str(Reference.parse(name))
     except InvalidArgumentError:
         return name
+
+
+def image_names(desc: Descriptor, *, base_name: str | None, digests: bool, today: date) -> tuple[str, ...]:
+    """The names an archive's index entry is recorded under, as ``ctr images import`` gives them.
+
+    ``io.containerd.image.name`` when set; else ``org.opencontainers.image.ref.name``: kept when it is a
+    full reference, else a bare tag joined to ``base_name`` (default ``import-<YYYY-MM-DD>``). ``digests``
+    adds ``<base>@<digest>``; an entry with no name at all gets that digest name too, so it is kept.
+    """
+    base = base_name or f"import-{today.isoformat()}"
+    names: list[str] = []
+    name = desc.annotations.get(ANNOTATION_IMAGE_NAME, "")
+    if not name:
+        ref = desc.annotations.get(ANNOTATION_REF_NAME, "")
+        if ref:
+            name = ref if any(c in ref for c in "/:@") else f"{base}:{ref}"
+    if name:
+        names.append(normalize_name(name))
+    if digests or not names:
+        names.append(normalize_name(f"{base}@{desc.digest}"))
+    return tuple(dict.fromkeys(names))
+
+
+def archive_images(index: Index, *, base_name: str | None, digests: bool, today: date) -> list[ArchiveImage]:
+    """The images of an archive's index, each with its names."""
+    return [ArchiveImage(names=image_names(d, base_name=base_name, digests=digests, today=today),
+                         target=Descriptor(media_type=d.media_type, digest=d.digest, size=d.size,
+                                           annotations=dict(d.annotations)))
+            for d in index.manifests]
 
 
 def wanted_platforms(platforms: Sequence[Platform | str]) -> list[Platform]:
@@ -131,6 +163,22 @@ def missing_message(what: str, missing: Sequence[tuple[str, Descriptor]]) -> str
     return f"{what}: {len(parts)} blob{'s' if len(parts) != 1 else ''} missing: {', '.join(parts)}"
 
 
+def missing_blobs(owned: Iterable[tuple[T, Selection]]) -> list[tuple[T, Descriptor]]:
+    """Every blob the selections miss, once, with the first owner that needs it."""
+    out: dict[Digest, tuple[T, Descriptor]] = {}
+    for owner, sel in owned:
+        for desc in sel.missing:
+            out.setdefault(desc.digest, (owner, desc))
+    return list(out.values())
+
+
+def require_complete(what: str, owned: Iterable[tuple[str, Selection]]) -> None:
+    """FailedPreconditionError listing every blob the selections miss (see ``missing_message``)."""
+    missing = missing_blobs(owned)
+    if missing:
+        raise FailedPreconditionError(missing_message(what, missing))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExportedImage:
     """One image written into an archive: its name, target and the manifests included."""
@@ -163,7 +211,8 @@ class ArchiveImage:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReadArchive:
     """An archive read into the store: its format (``oci`` or ``docker``), its index (``index.json`` or the
-    one built for a docker archive, as raw bytes), the images, and what was ingested."""
+    one built for a docker archive, as raw bytes), the images, and the blobs newly stored, already present,
+    and docker layer tars replaced by a stored compressed blob."""
 
     format: str
     index: Descriptor
@@ -172,4 +221,3 @@ class ReadArchive:
     committed: tuple[Digest, ...] = ()
     present: tuple[Digest, ...] = ()
     reused: tuple[Digest, ...] = ()  # docker layer tars matched to a stored compressed blob
-    built: tuple[Descriptor, ...] = field(default=())  # configs/manifests/index written for a docker archive

@@ -33,11 +33,13 @@ from cargohold.images.archive import (
     blob_path,
     oci_ref_name,
     repo_tag,
+    require_complete,
 )
 from cargohold.images.handlers import read_manifest_or_index
 from cargohold.metadata.images import Image
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.digest import Verifier
 from cargohold.oci.manifest import Manifest
 from cargohold.oci.platform import Platform, PlatformMatcher
 
@@ -94,10 +96,10 @@ def docker_manifest(provider: Provider, images: Sequence[Image], selections: Seq
 def archive_entries(provider: Provider, images: Sequence[Image], selections: Sequence[Selection],
                     platforms: Sequence[Platform]) -> tuple[list[_Entry], list[Descriptor]]:
     """Every tar entry, sorted by name, and the blobs among them."""
+    require_complete(f"archive of {', '.join(i.name for i in images)}",
+                     [(f"image {img.name}", sel) for img, sel in zip(images, selections, strict=True)])
     blobs: dict[str, Descriptor] = {}
     for sel in selections:
-        if sel.missing:
-            raise FailedPreconditionError(f"image target {sel.target.digest}: content is missing")
         for desc in sel.required:
             blobs.setdefault(blob_path(desc.digest), desc)
     entries = [_Entry(name=path, mode=0o444, blob=desc) for path, desc in blobs.items()]
@@ -160,24 +162,21 @@ def write_archive(provider: Provider, images: Sequence[Image], selections: Seque
 def _copy_blob(provider: Provider, desc: Descriptor, emit: Callable[[bytes], None], on_event: EventSink) -> None:
     item = str(desc.digest)
     on_event(Event(action="export", status="running", item=item, media_type=desc.media_type, total=desc.size))
-    hasher = desc.digest.hasher()
-    done = 0
+    verifier = Verifier(desc.digest)
     with provider.open(desc.digest) as f:
-        while done < desc.size:
-            chunk = f.read(min(CHUNK, desc.size - done))
+        while verifier.size < desc.size:
+            chunk = f.read(min(CHUNK, desc.size - verifier.size))
             if not chunk:
                 break
-            hasher.update(chunk)
+            verifier.update(chunk)
             emit(chunk)
-            done += len(chunk)
             on_event(Event(action="export", status="running", item=item, media_type=desc.media_type,
-                           current=done, total=desc.size))
+                           current=verifier.size, total=desc.size))
         extra = f.read(1)
-    if done != desc.size or extra:
-        raise SizeMismatchError(desc.digest, desc.size, done + len(extra))
-    actual = f"{desc.digest.algorithm}:{hasher.hexdigest()}"
-    if actual != str(desc.digest):
-        raise DigestMismatchError(desc.digest, actual, what=f"stored blob {desc.digest}")
+    if verifier.size != desc.size or extra:
+        raise SizeMismatchError(desc.digest, desc.size, verifier.size + len(extra))
+    if not verifier.verified():
+        raise DigestMismatchError(desc.digest, verifier.digest(), what=f"stored blob {desc.digest}")
     on_event(Event(action="export", status="done", item=item, media_type=desc.media_type, current=desc.size,
                    total=desc.size))
 
@@ -187,42 +186,44 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """A file that becomes ``path`` only when the block succeeds: fsynced, then renamed into place.
 
     The data goes to an unnamed ``O_TMPFILE`` beside ``path`` when the filesystem has them, so even a
-    SIGKILL leaves nothing behind; elsewhere to ``.<name>.tmp-<random>``, removed on any exception.
+    SIGKILL leaves nothing behind; elsewhere to ``.<name>.tmp-<random>``, removed on any exception. An
+    OSError (no space, no permission) is a FailedPreconditionError naming ``path``.
     """
     path = Path(path)
     if path.is_dir():
         raise InvalidArgumentError(f"{path}: is a directory")
-    directory = path.parent if str(path.parent) else Path(".")
+    directory = path.parent
     if not directory.is_dir():
         raise InvalidArgumentError(f"{path}: directory {directory} does not exist")
     temp = directory / f".{path.name}.tmp-{secrets.token_hex(6)}"
     named = False
     try:
-        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-            raise
-        fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-        named = True
-    f = os.fdopen(fd, "wb", buffering=CHUNK)
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        if not named:
-            # linkat(AT_SYMLINK_FOLLOW) through /proc gives the unnamed file a name (os.link takes that path
-            # only when given a directory fd).
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.link(f"/proc/self/fd/{f.fileno()}", temp.name, dst_dir_fd=dir_fd, follow_symlinks=True)
-            finally:
-                os.close(dir_fd)
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise
+            fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
             named = True
-        os.replace(temp, path)
-        named = False
+        with os.fdopen(fd, "wb", buffering=CHUNK) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            if not named:
+                # linkat(AT_SYMLINK_FOLLOW) through /proc gives the unnamed file a name (os.link takes that
+                # path only when given a directory fd).
+                dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.link(f"/proc/self/fd/{f.fileno()}", temp.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                finally:
+                    os.close(dir_fd)
+                named = True
+            os.replace(temp, path)
+            named = False
         fsync_dir(directory)
+    except OSError as exc:
+        raise FailedPreconditionError(f"{path}: cannot write the archive: {exc}") from exc
     finally:
-        f.close()
         if named:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)

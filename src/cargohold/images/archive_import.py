@@ -7,6 +7,11 @@ digest its path names; one already stored is read through and checked all the sa
 (docker layer tars) stream into the store under the digest they hash to, except a layer tar some stored
 compressed blob is labelled ``containerd.io/uncompressed`` with: that blob is reused and the tar discarded.
 Small JSON entries stay in memory. Nothing here records an image: the caller does, once all is verified.
+
+Entry names are never host paths: nothing is extracted, blobs are stored by digest. Names are archive paths
+(``./a//b`` is ``a/b``); an absolute name or one whose ``..`` climbs out of the archive is refused, naming the
+entry. Symlinks and hardlinks (skopeo's ``<id>/layer.tar -> ../<diffid>.tar``) are followed inside the
+archive only; an absolute symlink target starts at the archive's root, as in a chroot.
 """
 
 from __future__ import annotations
@@ -18,42 +23,45 @@ import posixpath
 import re
 import secrets
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from cargohold.content.store import ContentStore
-from cargohold.diff.compression import decompress_stream
+from cargohold.diff import paths
+from cargohold.diff.compression import Compression, decompress_stream, detect_compression
 from cargohold.errors import (
     AlreadyExistsError,
     CargoholdError,
     DigestMismatchError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnsafePathError,
+    UnsupportedMediaTypeError,
 )
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.archive import (
-    ANNOTATION_IMAGE_NAME,
-    ANNOTATION_REF_NAME,
     DOCKER_MANIFEST_FILE,
     INDEX_FILE,
     OCI_LAYOUT_FILE,
     OCI_LAYOUT_VERSION,
-    ArchiveImage,
     ReadArchive,
-    normalize_name,
+    archive_images,
 )
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
-from cargohold.oci.digest import Digest
+from cargohold.oci.digest import Digest, Verifier
 from cargohold.oci.manifest import Index
 from cargohold.unpack.labels import UNCOMPRESSED
 
 CHUNK = 1 << 20
 # What reading a broken stream raises: tarfile's errors, I/O errors, and our decompressors' InvalidArgumentError.
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, InvalidArgumentError)
-SMALL_ENTRY = 1 << 20  # non-blob entries up to this size (configs, v1 json) are kept in memory
+SMALL_ENTRY = 1 << 20  # non-blob entries up to this size (configs, v1 json) are kept in memory...
+MAX_IN_MEMORY = 64 << 20  # ...until they add up to this much; then they go to the store like layer tars
 MAX_JSON = 16 << 20
 _BLOB_PATH = re.compile(r"^blobs/([a-z0-9]+)/([a-f0-9]+)$")
 _MEMORY_FILES = frozenset({OCI_LAYOUT_FILE, INDEX_FILE, DOCKER_MANIFEST_FILE, "repositories"})
@@ -61,8 +69,8 @@ _MEMORY_FILES = frozenset({OCI_LAYOUT_FILE, INDEX_FILE, DOCKER_MANIFEST_FILE, "r
 
 @dataclass(slots=True, kw_only=True)
 class Entry:
-    """A regular file of the archive: kept in memory (``data``), in the store (``digest``), or matched to a
-    stored compressed blob (``reused``, the tar itself not stored)."""
+    """A regular file of the archive: kept in memory (``data``), or hashed to ``digest`` and stored under it,
+    unless a stored compressed blob holds these bytes uncompressed (``reused``: the file itself not stored)."""
 
     name: str
     size: int
@@ -76,22 +84,29 @@ class Contents:
     """Everything one pass over the archive found."""
 
     entries: dict[str, Entry] = field(default_factory=dict)
-    links: dict[str, str] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)  # link entry -> the archive path it points at
     committed: list[Digest] = field(default_factory=list)
     present: list[Digest] = field(default_factory=list)
     reused: list[Digest] = field(default_factory=list)
+    in_memory: int = 0  # bytes of the small entries kept in ``entries``
 
     def lookup(self, name: str) -> Entry:
-        """The entry at ``name``, following symlinks and hardlinks; NotFoundError names the path."""
+        """The regular file at ``name``, following symlinks and hardlinks (of the file or of a directory on
+        its way) inside the archive. NotFoundError names the path."""
         path = clean_name(name)
-        for _ in range(16):
+        for _ in range(paths.MAX_SYMLINKS):
             entry = self.entries.get(path)
             if entry is not None:
                 return entry
-            if path not in self.links:
-                break
-            path = self.links[path]
-        raise NotFoundError(f"archive entry {name}: not in the archive")
+            parts = path.split("/")
+            for i in range(1, len(parts) + 1):
+                target = self.links.get("/".join(parts[:i]))
+                if target is not None:
+                    path = "/".join(p for p in (target, *parts[i:]) if p)
+                    break
+            else:
+                raise NotFoundError(f"archive entry {name}: not in the archive")
+        raise InvalidArgumentError(f"archive entry {name}: more than {paths.MAX_SYMLINKS} links on its way")
 
     def json(self, name: str) -> Any:
         entry = self.entries.get(name)
@@ -104,20 +119,39 @@ class Contents:
 
 
 def clean_name(name: str) -> str:
-    """Archive names compared as paths: ``./a//b`` is ``a/b``."""
-    path = posixpath.normpath("/" + name).lstrip("/")
-    return path
+    """An archive name as an archive path (``./a//b`` is ``a/b``); UnsafePathError for an absolute name or
+    one whose ``..`` climbs out of the archive."""
+    try:
+        return paths.clean_name(name)
+    except UnsafePathError:
+        raise UnsafePathError(f"archive entry {name!r}: refused: an absolute name, or '..' out of the archive"
+                              ) from None
 
 
-def read_archive(store: ContentStore, source: BinaryIO, *, on_event: EventSink = discard) -> Contents:
-    """Read the whole archive once, ingesting blobs as they stream by. Errors name the entry (and digest)."""
+def _link_target(name: str, member: tarfile.TarInfo) -> str:
+    """The archive path a link entry points at: a hardlink's target is an archive name; a symlink's is
+    relative to its directory, or to the archive's root when absolute. Out of the archive is refused."""
+    target = member.linkname
+    if member.issym():
+        target = posixpath.join("" if target.startswith("/") else posixpath.dirname(name), target.lstrip("/"))
+    try:
+        return paths.clean_name(target)
+    except UnsafePathError:
+        raise UnsafePathError(f"archive entry {name}: link target {member.linkname!r} leads out of the archive"
+                              ) from None
+
+
+def read_archive(store: ContentStore, source: BinaryIO, *, where: str = "archive",
+                 on_event: EventSink = discard) -> Contents:
+    """Read the whole archive once, ingesting blobs as they stream by. Errors name ``where`` or the entry
+    (and digest)."""
     contents = Contents()
     previous = ""
     try:
         stream = decompress_stream(source)
         tar = tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK)  # type: ignore[call-overload]
     except _READ_ERRORS as exc:
-        raise InvalidArgumentError(f"archive: not a readable tar archive: {exc}") from None
+        raise InvalidArgumentError(f"{where}: not a readable tar archive: {exc}") from None
     with tar:
         members = iter(tar)
         while True:
@@ -126,19 +160,17 @@ def read_archive(store: ContentStore, source: BinaryIO, *, on_event: EventSink =
             except StopIteration:
                 break
             except _READ_ERRORS as exc:
-                where = f"after entry {previous}" if previous else "at its start"
-                raise InvalidArgumentError(f"archive: truncated or unreadable {where}: {exc}") from None
+                at = f"after entry {previous}" if previous else "at its start"
+                raise InvalidArgumentError(f"{where}: truncated or unreadable {at}: {exc}") from None
             name = previous = clean_name(member.name)
-            if member.issym():
-                contents.links[name] = clean_name(posixpath.join(posixpath.dirname(name), member.linkname))
-            elif member.islnk():
-                contents.links[name] = clean_name(member.linkname)
+            if member.issym() or member.islnk():
+                contents.links[name] = _link_target(name, member)
             elif member.isreg():
                 reader = tar.extractfile(member)
                 assert reader is not None
                 _read_entry(store, contents, name, member.size, reader, on_event)
     if not contents.entries:
-        raise InvalidArgumentError("archive: no files in it (empty, or not a tar archive)")
+        raise InvalidArgumentError(f"{where}: no files in it (empty, or not a tar archive)")
     return contents
 
 
@@ -154,16 +186,17 @@ def _read_entry(store: ContentStore, contents: Contents, name: str, size: int, r
         (contents.committed if new else contents.present).append(digest)
         contents.entries[name] = Entry(name=name, size=size, digest=digest)
         return
-    if name in _MEMORY_FILES or (size <= SMALL_ENTRY and not name.endswith(".tar")):
+    small = size <= SMALL_ENTRY and not name.endswith(".tar") and contents.in_memory + size <= MAX_IN_MEMORY
+    if name in _MEMORY_FILES or small:
         if size > MAX_JSON:
             raise InvalidArgumentError(f"archive entry {name}: {size} bytes is too large for a metadata file")
-        contents.entries[name] = Entry(name=name, size=size, data=_read_exact(reader, size, name))
+        contents.entries[name] = Entry(name=name, size=size, data=b"".join(c for _, c in _chunks(reader, size, name)))
+        contents.in_memory += size
         return
     # A docker layer tar (or another large file): stored under the digest it hashes to, unless a stored
     # compressed blob already holds these uncompressed bytes.
     digest, new, reused = ingest_unknown(store, reader, name=name, size=size, on_event=on_event)
-    entry = Entry(name=name, size=size, digest=digest if reused is None else None, reused=reused)
-    contents.entries[name] = entry
+    contents.entries[name] = Entry(name=name, size=size, digest=digest, reused=reused)
     if reused is not None:
         contents.reused.append(digest)
     elif new:
@@ -172,33 +205,26 @@ def _read_entry(store: ContentStore, contents: Contents, name: str, size: int, r
         contents.present.append(digest)
 
 
-def _read_exact(reader: BinaryIO, size: int, name: str) -> bytes:
-    try:
-        data = reader.read(size)
-    except _READ_ERRORS as exc:
-        raise _wrap_read_error(name, None, exc) from None
-    if len(data) != size:
-        raise InvalidArgumentError(f"archive entry {name}: truncated ({len(data)} of {size} bytes)")
-    return data
-
-
 def _chunks(reader: BinaryIO, size: int, name: str, digest: Digest | None = None) -> Iterator[tuple[int, bytes]]:
     """The entry's bytes in chunks, with the count so far; a short or broken read names the entry."""
+    what = f"archive entry {name}" + (f" ({digest})" if digest is not None else "")
     done = 0
     while done < size:
         try:
             chunk = reader.read(min(CHUNK, size - done))
         except _READ_ERRORS as exc:
-            raise _wrap_read_error(name, digest, exc) from None
+            raise InvalidArgumentError(f"{what}: truncated or unreadable: {exc}") from None
         if not chunk:
-            raise _wrap_read_error(name, digest, EOFError(f"{done} of {size} bytes"))
+            raise InvalidArgumentError(f"{what}: truncated or unreadable: {done} of {size} bytes")
         done += len(chunk)
         yield done, chunk
 
 
-def _wrap_read_error(name: str, digest: Digest | None, exc: BaseException) -> InvalidArgumentError:
-    what = f"archive entry {name}" + (f" ({digest})" if digest is not None else "")
-    return InvalidArgumentError(f"{what}: truncated or unreadable: {exc}")
+def _abort(store: ContentStore, ref: str) -> None:
+    """Drop an ingest that will not be committed: a half-read entry is not worth resuming (an archive restarts
+    from byte 0), and nothing is left behind in the ingest directory."""
+    with contextlib.suppress(CargoholdError):
+        store.abort(ref)
 
 
 def ingest(store: ContentStore, reader: BinaryIO, *, name: str, size: int, expected: Digest,
@@ -215,68 +241,66 @@ def ingest(store: ContentStore, reader: BinaryIO, *, name: str, size: int, expec
         _verify_only(reader, name=name, size=size, expected=expected)
         on_event(Event(action="import", status="exists", item=item, current=size, total=size))
         return False
-    with writer:
-        try:
+    committed = False
+    try:
+        with writer:
             if writer.offset:
                 writer.truncate(0)  # an earlier, interrupted import of this blob: the archive starts at 0
             for done, chunk in _chunks(reader, size, name, expected):
                 writer.write(chunk)
                 on_event(Event(action="import", status="running", item=item, current=done, total=size))
-        except BaseException:
-            writer.close()  # a half-read entry is not worth resuming: the archive restarts from byte 0
-            with contextlib.suppress(CargoholdError):
-                store.abort(ref)
-            raise
-        try:
-            writer.commit(size, expected)
-        except DigestMismatchError as exc:
-            raise DigestMismatchError(expected, exc.actual, what=f"archive entry {name}: blob") from None
+            try:
+                writer.commit(size, expected)
+            except DigestMismatchError as exc:
+                raise DigestMismatchError(expected, exc.actual, what=f"archive entry {name}: blob") from None
+            committed = True
+    finally:
+        if not committed:
+            _abort(store, ref)
     on_event(Event(action="import", status="done", item=item, current=size, total=size))
     return True
 
 
 def _verify_only(reader: BinaryIO, *, name: str, size: int, expected: Digest) -> None:
-    hasher = expected.hasher()
+    verifier = Verifier(expected)
     for _, chunk in _chunks(reader, size, name, expected):
-        hasher.update(chunk)
-    actual = Digest(expected.algorithm, hasher.hexdigest())
-    if actual != expected:
-        raise DigestMismatchError(expected, actual, what=f"archive entry {name}: blob")
+        verifier.update(chunk)
+    if not verifier.verified():
+        raise DigestMismatchError(expected, verifier.digest(), what=f"archive entry {name}: blob")
 
 
 def ingest_unknown(store: ContentStore, reader: BinaryIO, *, name: str, size: int,
                    on_event: EventSink = discard) -> tuple[Digest, bool, Descriptor | None]:
-    """Stream an entry whose digest nobody announced; returns (digest, newly stored, reused blob)."""
+    """Stream an entry whose digest nobody announced; returns (digest, newly stored, reused blob). A reused
+    blob's entry is not stored."""
     ref = f"import-entry-{secrets.token_hex(8)}"
     hasher = hashlib.sha256()
     on_event(Event(action="import", status="running", item=name, total=size))
-    with store.writer(ref, total=size) as writer:
-        try:
+    committed = False
+    try:
+        with store.writer(ref, total=size) as writer:
             for done, chunk in _chunks(reader, size, name):
                 writer.write(chunk)
                 hasher.update(chunk)
                 on_event(Event(action="import", status="running", item=name, current=done, total=size))
-        except BaseException:
-            writer.close()
-            with contextlib.suppress(CargoholdError):
-                store.abort(ref)
-            raise
-        digest = Digest("sha256", hasher.hexdigest())
-        reused = compressed_for(store, digest)
-        if reused is not None:
-            writer.close()
-            with contextlib.suppress(CargoholdError):
-                store.abort(ref)
-            on_event(Event(action="import", status="exists", item=name, current=size, total=size,
-                           message=f"reusing {reused.digest} for {digest}"))
-            return digest, False, reused
-        new = not store.exists(digest)
-        writer.commit(size, digest)
+            digest = Digest("sha256", hasher.hexdigest())
+            reused = compressed_for(store, digest)
+            if reused is None:
+                new = not store.exists(digest)
+                writer.commit(size, digest)
+                committed = True
+    finally:
+        if not committed:
+            _abort(store, ref)
+    if reused is not None:
+        on_event(Event(action="import", status="exists", item=name, current=size, total=size,
+                       message=f"reusing {reused.digest} for {digest}"))
+        return digest, False, reused
     on_event(Event(action="import", status="done", item=name, current=size, total=size, message=str(digest)))
     return digest, new, None
 
 
-_COMPRESSED_TYPES = {"gzip": mt.DOCKER_LAYER_GZIP, "zstd": mt.DOCKER_LAYER_ZSTD}
+_COMPRESSED_TYPES = {Compression.GZIP: mt.DOCKER_LAYER_GZIP, Compression.ZSTD: mt.DOCKER_LAYER_ZSTD}
 
 
 def compressed_for(store: ContentStore, diff_id: Digest) -> Descriptor | None:
@@ -290,26 +314,21 @@ def compressed_for(store: ContentStore, diff_id: Digest) -> Descriptor | None:
         if kind not in _COMPRESSED_TYPES:
             continue
         desc = Descriptor(media_type=_COMPRESSED_TYPES[kind], digest=info.digest, size=info.size)
-        found.append((0 if kind == "gzip" else 1, str(info.digest), desc))
+        found.append((0 if kind is Compression.GZIP else 1, str(info.digest), desc))
     return min(found, key=lambda t: t[:2])[2] if found else None
 
 
-def blob_compression(store: ContentStore, digest: Digest) -> str:
-    """``gzip``, ``zstd`` or ``none``, from the blob's first bytes."""
+def blob_compression(store: ContentStore, digest: Digest) -> Compression:
+    """A stored blob's compression, from its first bytes."""
     with store.reader_at(digest) as r:
-        head = r.read_at(0, 4)
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "zstd"
-    return "none"
+        return detect_compression(r.read_at(0, 4))
 
 
-def put_blob(store: ContentStore, data: bytes, *, ref_kind: str = "import") -> Digest:
+def put_blob(store: ContentStore, data: bytes) -> Digest:
     """Commit ``data`` (a config, manifest or index we hold in memory); already stored is fine."""
     digest = Digest.from_bytes(data)
     try:
-        with store.writer(f"{ref_kind}-{digest}", expected=digest, total=len(data)) as writer:
+        with store.writer(f"import-{digest}", expected=digest, total=len(data)) as writer:
             if writer.offset:
                 writer.truncate(0)
             writer.write(data)
@@ -319,7 +338,7 @@ def put_blob(store: ContentStore, data: bytes, *, ref_kind: str = "import") -> D
     return digest
 
 
-def check_layout(contents: Contents) -> bool:
+def check_layout(contents: Contents, where: str = "archive") -> bool:
     """Whether the archive is an OCI layout (``oci-layout`` of a version we read, or an ``index.json``)."""
     layout = contents.json(OCI_LAYOUT_FILE)
     if layout is not None:
@@ -329,70 +348,55 @@ def check_layout(contents: Contents) -> bool:
                 f"archive entry {OCI_LAYOUT_FILE}: unsupported OCI layout version {version!r} "
                 f"(want {OCI_LAYOUT_VERSION})")
         if INDEX_FILE not in contents.entries:
-            raise InvalidArgumentError(f"archive: OCI layout without {INDEX_FILE}")
+            raise InvalidArgumentError(f"{where}: OCI layout without {INDEX_FILE}")
         return True
     return INDEX_FILE in contents.entries
 
 
-def image_names(desc: Descriptor, *, base_name: str | None, digests: bool, today: date) -> tuple[str, ...]:
-    """The names an index entry is recorded under, as ``ctr images import`` gives them.
-
-    ``io.containerd.image.name`` when set; else ``org.opencontainers.image.ref.name``: kept when it is a
-    full reference, else a bare tag joined to ``base_name`` (default ``import-<YYYY-MM-DD>``). ``digests``
-    adds ``<base>@<digest>``; an entry with no name at all gets that digest name too, so it is kept.
-    """
-    base = base_name or f"import-{today.isoformat()}"
-    names: list[str] = []
-    name = desc.annotations.get(ANNOTATION_IMAGE_NAME, "")
-    if not name:
-        ref = desc.annotations.get(ANNOTATION_REF_NAME, "")
-        if ref:
-            name = ref if any(c in ref for c in "/:@") else f"{base}:{ref}"
-    if name:
-        names.append(normalize_name(name))
-    if digests or not names:
-        names.append(normalize_name(f"{base}@{desc.digest}"))
-    return tuple(dict.fromkeys(names))
-
-
-def archive_images(index: Index, *, base_name: str | None, digests: bool, today: date) -> list[ArchiveImage]:
-    """The images of an archive's index, each with its names."""
-    return [ArchiveImage(names=image_names(d, base_name=base_name, digests=digests, today=today),
-                         target=Descriptor(media_type=d.media_type, digest=d.digest, size=d.size,
-                                           annotations=dict(d.annotations)))
-            for d in index.manifests]
-
-
-def interpret(store: ContentStore, contents: Contents, *, base_name: str | None, digests: bool, today: date,
-              on_event: EventSink = discard) -> ReadArchive:
+def interpret(store: ContentStore, contents: Contents, *, where: str = "archive", base_name: str | None,
+              digests: bool, today: date) -> ReadArchive:
     """Make sense of what ``read_archive`` found: an OCI layout, or a docker archive (manifests built)."""
-    from cargohold.images.dockerarchive import build_docker_index
+    from cargohold.images.dockerarchive import build_docker_index  # it builds on this module's Contents
 
-    built: Sequence[Descriptor] = ()
-    if check_layout(contents):
+    if check_layout(contents, where):
         fmt = "oci"
         raw = contents.entries[INDEX_FILE].data
         assert raw is not None
     elif DOCKER_MANIFEST_FILE in contents.entries:
         fmt = "docker"
-        raw, built = build_docker_index(store, contents, on_event=on_event)
+        raw = build_docker_index(store, contents)
     else:
         raise InvalidArgumentError(
-            f"archive: not an image archive (no {OCI_LAYOUT_FILE}/{INDEX_FILE} and no {DOCKER_MANIFEST_FILE})")
-    index = Index.parse(raw, mt.OCI_INDEX if not _declared_type(raw) else "", where=f"archive entry {INDEX_FILE}")
+            f"{where}: not an image archive (no {OCI_LAYOUT_FILE}/{INDEX_FILE} and no {DOCKER_MANIFEST_FILE})")
+    index = Index.parse(raw, where=f"archive entry {INDEX_FILE}")
+    for n, d in enumerate(index.manifests):  # an image's target says what to walk: a blob would pass unchecked
+        if not (mt.is_index(d.media_type) or mt.is_manifest(d.media_type)):
+            raise UnsupportedMediaTypeError(f"archive entry {INDEX_FILE} manifest {n} ({d.digest}): media type "
+                                            f"{d.media_type!r} is neither a manifest nor an index")
     desc = Descriptor(media_type=index.media_type, digest=Digest.from_bytes(raw), size=len(raw))
     images = archive_images(index, base_name=base_name, digests=digests, today=today)
     if not images:
         raise InvalidArgumentError(f"archive entry {INDEX_FILE}: lists no images")
     return ReadArchive(format=fmt, index=desc, index_raw=raw, images=tuple(images),
                        committed=tuple(contents.committed), present=tuple(contents.present),
-                       reused=tuple(contents.reused), built=tuple(built))
+                       reused=tuple(contents.reused))
 
 
-def _declared_type(raw: bytes) -> str:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    return str(doc.get("mediaType", "")) if isinstance(doc, dict) else ""
-
+def load_archive(store: ContentStore, source: Path | str | BinaryIO, *, base_name: str | None, digests: bool,
+                 today: date, on_event: EventSink = discard) -> ReadArchive:
+    """``read_archive`` then ``interpret``, from a file (opened and closed here) or a binary stream read once,
+    in order; errors name the file (``-`` for a stream)."""
+    if isinstance(source, (str, Path)):
+        where = f"archive {source}"
+        try:
+            stream: BinaryIO = open(source, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise NotFoundError(f"{where}: no such file") from None
+        except OSError as exc:
+            raise FailedPreconditionError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+        with stream:
+            contents = read_archive(store, stream, where=where, on_event=on_event)
+    else:
+        where = "archive -"
+        contents = read_archive(store, source, where=where, on_event=on_event)
+    return interpret(store, contents, where=where, base_name=base_name, digests=digests, today=today)

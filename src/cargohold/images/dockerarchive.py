@@ -9,28 +9,25 @@ replaced by that blob.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from cargohold.content.store import ContentStore
-from cargohold.diff.compression import decompress_stream
+from cargohold.diff.compression import Compression, decompress_stream
 from cargohold.errors import DigestMismatchError, InvalidArgumentError
-from cargohold.events import EventSink, discard
 from cargohold.images.archive import ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DOCKER_MANIFEST_FILE, oci_ref_name
 from cargohold.images.archive_import import Contents, Entry, blob_compression, put_blob
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.config import ImageConfig
 from cargohold.oci.descriptor import Descriptor
-from cargohold.oci.digest import Digest
+from cargohold.oci.digest import Digest, Verifier
 from cargohold.oci.reference import Reference
 from cargohold.unpack.labels import UNCOMPRESSED
 
 _HEX_NAME = re.compile(r"^(?:blobs/sha256/)?([a-f0-9]{64})(?:\.json|\.tar)?$")
-_LAYER_TYPES = {"none": mt.DOCKER_LAYER, "gzip": mt.DOCKER_LAYER_GZIP, "zstd": mt.DOCKER_LAYER_ZSTD}
+_LAYER_TYPES = {Compression.GZIP: mt.DOCKER_LAYER_GZIP, Compression.ZSTD: mt.DOCKER_LAYER_ZSTD}
 
 
 def _compact(doc: Any) -> bytes:
@@ -40,6 +37,8 @@ def _compact(doc: Any) -> bytes:
 def _entry_bytes(store: ContentStore, entry: Entry) -> bytes:
     if entry.data is not None:
         return entry.data
+    if entry.reused is not None:
+        raise InvalidArgumentError(f"archive entry {entry.name}: a layer tar, not a config")
     assert entry.digest is not None
     return store.read_all(entry.digest)
 
@@ -50,29 +49,36 @@ def _named_digest(name: str) -> Digest | None:
     return Digest("sha256", m.group(1)) if m else None
 
 
-def _layer(store: ContentStore, contents: Contents, path: str, diff_id: Digest, where: str) -> Descriptor:
+def _layer(store: ContentStore, contents: Contents, path: str, diff_id: Digest, where: str,
+           verified: dict[Digest, Digest]) -> Descriptor:
+    """The descriptor of the layer file at ``path``, checked against the config's ``diff_id``: a tar by its
+    digest, a compressed blob by its uncompressed bytes (once per blob: ``verified``)."""
     entry = contents.lookup(path)
-    if entry.reused is not None:
-        return entry.reused
     if entry.digest is None:
         assert entry.data is not None
         entry.digest = put_blob(store, entry.data)
     digest = entry.digest
-    kind = blob_compression(store, digest)
-    if kind == "none":
+    kind = Compression.NONE if entry.reused is not None else blob_compression(store, digest)  # reused: a tar
+    if kind is Compression.NONE:
         if digest != diff_id:
             raise DigestMismatchError(diff_id, digest, what=f"archive entry {path}: layer tar ({where} diff_id)")
-    else:
-        hasher = hashlib.sha256()
-        with store.open(digest) as raw, decompress_stream(raw) as plain:
-            while chunk := plain.read(1 << 20):
-                hasher.update(chunk)
-        actual = Digest("sha256", hasher.hexdigest())
-        if actual != diff_id:
-            raise DigestMismatchError(diff_id, actual,
+        if entry.reused is not None:
+            return entry.reused
+        return Descriptor(media_type=mt.DOCKER_LAYER, digest=digest, size=entry.size)
+    if verified.get(digest) != diff_id:
+        verifier = Verifier(diff_id)
+        try:
+            with store.open(digest) as raw, decompress_stream(raw) as plain:
+                while chunk := plain.read(1 << 20):
+                    verifier.update(chunk)
+        except InvalidArgumentError as exc:  # a corrupt stream
+            raise InvalidArgumentError(f"archive entry {path} ({digest}): {exc}") from None
+        if not verifier.verified():
+            raise DigestMismatchError(diff_id, verifier.digest(),
                                       what=f"archive entry {path} ({digest}): uncompressed layer ({where} diff_id)")
         store.update(digest, {UNCOMPRESSED: str(diff_id)})
-    return Descriptor(media_type=_LAYER_TYPES[kind], digest=digest, size=store.info(digest).size)
+        verified[digest] = diff_id
+    return Descriptor(media_type=_LAYER_TYPES[kind], digest=digest, size=entry.size)
 
 
 def _manifest_entries(contents: Contents) -> list[dict[str, Any]]:
@@ -82,19 +88,19 @@ def _manifest_entries(contents: Contents) -> list[dict[str, Any]]:
     return doc
 
 
-def build_docker_index(store: ContentStore, contents: Contents, *, on_event: EventSink = discard
-                       ) -> tuple[bytes, Sequence[Descriptor]]:
-    """Build and store a Docker manifest per ``manifest.json`` entry; returns the raw OCI index listing them
-    (one descriptor per tag) and the blobs written (configs, manifests)."""
-    built: list[Descriptor] = []
+def build_docker_index(store: ContentStore, contents: Contents) -> bytes:
+    """Build and store a Docker manifest per ``manifest.json`` entry (its config stored too); returns the raw
+    OCI index listing them, one descriptor per tag."""
     index_entries: list[dict[str, Any]] = []
+    verified: dict[Digest, Digest] = {}  # compressed layer -> the diffID its bytes were checked against
     for i, item in enumerate(_manifest_entries(contents)):
         where = f"{DOCKER_MANIFEST_FILE} entry {i}"
         config_path = item.get("Config")
         layer_paths = item.get("Layers") or []
         tags = item.get("RepoTags") or []
-        if not isinstance(config_path, str) or not isinstance(layer_paths, list) or not isinstance(tags, list):
-            raise InvalidArgumentError(f"archive {where}: want Config (string), Layers and RepoTags (lists)")
+        if (not isinstance(config_path, str) or not isinstance(layer_paths, list) or not isinstance(tags, list)
+                or not all(isinstance(p, str) for p in layer_paths)):
+            raise InvalidArgumentError(f"archive {where}: want Config (string), Layers (strings) and RepoTags")
         config_raw = _entry_bytes(store, contents.lookup(config_path))
         config_digest = Digest.from_bytes(config_raw)
         claimed = _named_digest(config_path)
@@ -107,7 +113,7 @@ def build_docker_index(store: ContentStore, contents: Contents, *, on_event: Eve
                 f"{len(config.diff_ids)} diff_ids")
         put_blob(store, config_raw)
         config_desc = Descriptor(media_type=mt.DOCKER_CONFIG, digest=config_digest, size=len(config_raw))
-        layers = [_layer(store, contents, str(p), config.diff_ids[n], f"layer {n} of config {config_digest}")
+        layers = [_layer(store, contents, p, config.diff_ids[n], f"layer {n} of config {config_digest}", verified)
                   for n, p in enumerate(layer_paths)]
         manifest_raw = _compact({
             "schemaVersion": 2,
@@ -116,8 +122,6 @@ def build_docker_index(store: ContentStore, contents: Contents, *, on_event: Eve
             "layers": [layer.to_dict() for layer in layers],
         })
         manifest_digest = put_blob(store, manifest_raw)
-        built += [config_desc, Descriptor(media_type=mt.DOCKER_MANIFEST, digest=manifest_digest,
-                                          size=len(manifest_raw))]
         base = {"mediaType": mt.DOCKER_MANIFEST, "digest": str(manifest_digest), "size": len(manifest_raw)}
         platform = config.platform.to_dict()
         if not tags:
@@ -132,4 +136,4 @@ def build_docker_index(store: ContentStore, contents: Contents, *, on_event: Eve
                                   "platform": platform})
     if not index_entries:
         raise InvalidArgumentError(f"archive entry {DOCKER_MANIFEST_FILE}: lists no images")
-    return _compact({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": index_entries}), built
+    return _compact({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": index_entries})
