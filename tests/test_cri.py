@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -186,9 +188,17 @@ def test_version_empty_store_and_socket(start_cri: Callable[[Path], CRI], tmp_pa
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(stale_path))
     stale.close()
+    before = set(threading.enumerate())
     with CRIServer(cri.client, stale_path) as again, grpc.insecure_channel(again.address) as channel:
         assert pb_grpc.RuntimeServiceStub(channel).Version(pb.VersionRequest(), timeout=10).runtime_name
+        workers = [t for t in threading.enumerate() if t.name.startswith("cri_") and t not in before]
+        assert workers
     assert not stale_path.exists()
+    # Its worker threads (each with its own database connection) are gone with it.
+    assert not [t for t in workers if t.is_alive()]
+    # Stopping a server that never started leaves the socket alone: here it is the running server's.
+    CRIServer(cri.client, cri.server.socket_path).stop()
+    assert cri.runtime.Version(pb.VersionRequest(), timeout=10).runtime_name == "cargohold"
 
 
 def test_error_kinds_map_to_status_codes() -> None:
@@ -275,7 +285,8 @@ def test_pull_errors_map_to_grpc_codes(start_cri: Callable[[Path], CRI], registr
 
 
 def test_pull_with_basic_auth(start_cri: Callable[[Path], CRI], basic_registry: BasicAuthRegistry,
-                              tmp_path: Path) -> None:
+                              tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     reg = basic_registry.registry
     img = image_with({"secret": b"s"})
     seed(reg, "private/app", "v1", img, basic_registry.auth_header)
@@ -296,10 +307,13 @@ def test_pull_with_basic_auth(start_cri: Callable[[Path], CRI], basic_registry: 
     assert cri.pull(ref, auth=pb.AuthConfig(auth=encoded, server_address=reg.host)) == str(img.config.digest)
     # Credentials were for those pulls only: none is cached in the client's own resolver.
     assert rpc_error(lambda: cri.pull(ref)).code() == grpc.StatusCode.UNAUTHENTICATED
+    # Nothing logged a secret, at any level.
+    assert caplog.records and password not in caplog.text and encoded not in caplog.text
 
 
 def test_pull_with_token_auth(start_cri: Callable[[Path], CRI], make_token_registry: Callable[..., TokenRegistry],
-                              tmp_path: Path) -> None:
+                              tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     tr = make_token_registry(allow_anonymous=False)
     img = image_with({"tok": b"t"})
     seed(tr.registry, "team/app", "v1", img, tr.auth_header("team/app"))
@@ -314,6 +328,7 @@ def test_pull_with_token_auth(start_cri: Callable[[Path], CRI], make_token_regis
     assert cri.pull(ref, auth=pb.AuthConfig(username=tr.user, password=tr.password)) == str(img.config.digest)
     token = tr.issuer.make_token(tr.user, ["repository:team/app:pull"], anonymous=False)
     assert cri.pull(ref, auth=pb.AuthConfig(registry_token=token)) == str(img.config.digest)
+    assert caplog.records and tr.password not in caplog.text and token not in caplog.text
 
 
 def test_always_pull_picks_up_a_moved_tag(start_cri: Callable[[Path], CRI], registry: RegistryProcess,
@@ -452,11 +467,15 @@ def test_auth_config_parsing() -> None:
                                                                                           password="p:q")
     assert pull_auth(pb.AuthConfig(identity_token="it")) == PullAuth(identity_token="it")
     assert pull_auth(pb.AuthConfig(registry_token="rt")) == PullAuth(registry_token="rt")
-    assert "p" not in repr(PullAuth(username="u", password="p"))
+    shown = repr(PullAuth(username="u", password="pw-xyzzy", identity_token="id-xyzzy", registry_token="rt-xyzzy"))
+    assert "xyzzy" not in shown and "'u'" in shown
     assert image_user("") == (None, "")
     assert image_user("0") == (0, "")
     assert image_user("1000:50") == (1000, "")
     assert image_user("www-data:www") == (None, "www-data")
+    # What Go's ParseInt refuses is a user name, as containerd reads it; an int64 overflow too.
+    assert image_user("1_000") == (None, "1_000") and image_user(" 7") == (None, " 7")
+    assert image_user(str(1 << 63)) == (None, str(1 << 63)) and image_user("-5") == (-5, "")
 
 
 # -- the command line ----------------------------------------------------------------------------------------
@@ -545,3 +564,7 @@ def test_airgapped_import_then_sandbox_for_another_handler(start_cri: Callable[[
     assert chain[L.CRI_IMAGE_REF] == name and chain[L.CRI_LAYER_DIGEST] == str(pause.layers[0].digest)
     (listed,) = cri.list()
     assert listed.id == str(pause.config.digest) and listed.pinned and list(listed.repo_tags) == [name]
+    # The repo digest it is listed with finds it too, though no record has that name.
+    (repo_digest,) = listed.repo_digests
+    assert repo_digest == f"{name.rsplit(':', 1)[0]}@{pause.digest}"
+    assert cri.status(repo_digest).image.id == listed.id

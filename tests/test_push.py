@@ -13,8 +13,14 @@ import pytest
 
 from cargohold.client import Client
 from cargohold.devtools import samples
-from cargohold.devtools.registry import RegistryProcess
-from cargohold.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnauthorizedError
+from cargohold.devtools.registry import RegistryProcess, push_blob
+from cargohold.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    RegistryError,
+    UnauthorizedError,
+)
 from cargohold.events import Event
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.platform import Platform, PlatformMatcher
@@ -249,6 +255,29 @@ def test_upload_the_registry_forgot_starts_over(
     client.push(f"{proxy.host}/big:v1", f"{src.host}/big:v1", chunk_threshold=8192, chunk_size=8192)
     assert len(proxy.seen("POST", r"/blobs/uploads/")) == len(img.blobs) + 1  # the big blob started twice
     assert_same_image(pulled(tmp_path / "back", f"{dst.host}/big:v1"), img)
+
+
+def test_failed_upload_cancels_its_session(
+    make_registry: RegistryFactory, fault_proxy: Callable[[RegistryProcess], FaultProxy], tmp_path: Path
+) -> None:
+    src, dst = make_registry(), make_registry()
+    img = two_layer_image(seed=4)
+    samples.push(src.url, "app", "v1", img)
+    client = pulled(tmp_path / "root", f"{src.host}/app:v1")
+    for blob in img.blobs[:-1]:  # the destination lacks just one blob
+        push_blob(dst.url, "app", blob.data)
+    proxy = fault_proxy(dst)
+    body = json.dumps({"errors": [{"code": "UNSUPPORTED", "message": "not here"}]}).encode()
+    proxy.add_fault(r"/blobs/uploads/", method="PUT", status=400, body=body,
+                    headers={"Content-Type": "application/json"})
+
+    with pytest.raises(RegistryError, match=f"UNSUPPORTED.*{img.blobs[-1].digest}"):
+        client.push(f"{proxy.host}/app:v1", f"{src.host}/app:v1")
+    # Not a failure a new session would mend: no second POST, and the session is deleted.
+    assert len(proxy.seen("POST", r"/blobs/uploads/")) == 1
+    assert len(proxy.seen("DELETE", r"/blobs/uploads/")) == 1
+    assert not proxy.seen("PUT", r"/manifests/")
+    assert client.push(f"{proxy.host}/app:v1", f"{src.host}/app:v1").digest == img.digest
 
 
 def test_push_with_token_auth(registry: RegistryProcess, make_token_registry: Callable[..., TokenRegistry],

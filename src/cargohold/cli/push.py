@@ -14,8 +14,8 @@ from cargohold.clientops.push import PushResult
 from cargohold.remotes.credentials import (
     ChainCredentials,
     CredentialStore,
-    DockerConfigCredentials,
     StaticCredentials,
+    credentials_for,
     parse_user,
 )
 
@@ -71,9 +71,12 @@ def push(state: State, ref: str, local: str | None, platforms: tuple[str, ...], 
     """
     with ProgressRenderer(quiet=output == "json") as progress:
         client = state.client(user=user, on_event=progress)
-        result = client.push(ref, local, platforms=platforms, all_platforms=all_platforms,
-                             chunk_threshold=chunk_size * _MIB, chunk_size=chunk_size * _MIB,
-                             concurrency=max_concurrent_uploads, allow_nondistributable=allow_nondistributable)
+        try:
+            result = client.push(ref, local, platforms=platforms, all_platforms=all_platforms,
+                                 chunk_threshold=chunk_size * _MIB, chunk_size=chunk_size * _MIB,
+                                 concurrency=max_concurrent_uploads, allow_nondistributable=allow_nondistributable)
+        finally:
+            client.close()
     if output == "json":
         emit_json(push_json(result))
     else:
@@ -103,7 +106,10 @@ def copy(state: State, src: str, dst: str, platforms: tuple[str, ...], all_platf
         client = _client(state, progress, user=user, src_user=src_user, dest_user=dest_user,
                          src_host=parse_location(src).registry_host,
                          dst_host=parse_location(dst).registry_host)
-        result = client.copy(src, dst, platforms=platforms, all_platforms=all_platforms)
+        try:
+            result = client.copy(src, dst, platforms=platforms, all_platforms=all_platforms)
+        finally:
+            client.close()
     if output == "json":
         emit_json(result.to_json())
     else:
@@ -119,9 +125,7 @@ def _client(state: State, progress: ProgressRenderer, *, user: str | None, src_u
     for who, host in ((dest_user, dst_host), (src_user, src_host)):
         if who and host:
             stores.append(StaticCredentials(parse_user(who, password_prompt=_prompt), hosts=(host,)))
-    if user:
-        stores.append(StaticCredentials(parse_user(user, password_prompt=_prompt)))
-    stores.append(DockerConfigCredentials())
+    stores.append(credentials_for(user, password_prompt=_prompt))  # --user for any host, then config.json
     return Client(state.root, namespace=state.namespace, hosts_dir=state.hosts_dir,
                   credentials=ChainCredentials(*stores), plain_http=state.plain_http, on_event=progress,
                   config=state.config)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cargohold.clientbase import ClientBase, PullResult
 from cargohold.errors import (
@@ -46,7 +46,7 @@ from cargohold.remotes.credentials import (
 from cargohold.remotes.hosts import RegistryHost
 from cargohold.remotes.http import Response, Transport, discard_response
 from cargohold.remotes.resolver import Resolver
-from cargohold.snapshots.base import Mount
+from cargohold.snapshots.base import Kind, Mount
 from cargohold.unpack.unpacker import UnpackResult
 
 CONTAINER_LABEL = "cargohold.io/container"
@@ -87,13 +87,14 @@ class RuntimeImage:
     """One image as a container runtime sees it: all the names whose platform manifest has the same config.
 
     ``id`` is the config digest (containerd's CRI image id); ``names`` are the image records pointing at it,
-    sorted; ``resolved`` is the host platform's manifest and config.
+    sorted; ``targets`` what each name points at (manifest or index); ``resolved`` is the host platform's
+    manifest and config.
     """
 
     id: Digest
     names: tuple[str, ...]
     resolved: ResolvedManifest
-    targets: Mapping[str, Descriptor] = field(default_factory=dict)
+    targets: Mapping[str, Descriptor]
 
     @property
     def repo_tags(self) -> tuple[str, ...]:
@@ -135,8 +136,8 @@ class BearerTokenAuthorizer(Authorizer):
     """Sends a fixed bearer token (CRI's ``registry_token``) to the registries ``hosts`` (all when empty); other
     hosts are left to ``fallback``. A 401 is an UnauthorizedError naming the host: the token is not renewable."""
 
-    def __init__(self, transport: Transport, token: str, *, hosts: Sequence[str] = (),
-                 fallback: Authorizer | None = None) -> None:
+    def __init__(self, transport: Transport, token: str, *, fallback: Authorizer, hosts: Sequence[str] = ()
+                 ) -> None:
         super().__init__(transport, None)
         self.token = token
         self.hosts = frozenset(normalize_server(h) for h in hosts)
@@ -146,9 +147,9 @@ class BearerTokenAuthorizer(Authorizer):
              repository: str) -> Response:
         mine = not self.hosts or normalize_server(host.host) in self.hosts or (
             bool(host.namespace) and normalize_server(host.namespace) in self.hosts)
-        if not mine and self.fallback is not None:
+        if not mine:
             return self.fallback.send(host, scopes, do, repository=repository)
-        resp = do({"Authorization": f"Bearer {self.token}"} if mine else {})
+        resp = do({"Authorization": f"Bearer {self.token}"})
         if resp.status == 401:
             discard_response(resp)
             where = f"{host.namespace or host.host}/{repository}" if repository else host.host
@@ -225,14 +226,15 @@ class RuntimeOps(ClientBase):
                 for digest, (resolved, targets) in sorted(groups.items(), key=lambda kv: str(kv[0]))]
 
     def runtime_image(self, ref_or_id: str) -> RuntimeImage:
-        """The image named ``ref_or_id`` (a name, normalised as docker does) or with that image id (the full
-        ``sha256:<hex>``, or a unique prefix of the hex as containerd's CRI accepts). NotFoundError else."""
+        """The image named ``ref_or_id`` (a name or one of its repo digests, normalised as docker does) or with
+        that image id (the full ``sha256:<hex>``, or a unique prefix of the hex as containerd's CRI accepts).
+        NotFoundError else."""
         images = self.runtime_images()
         reference = _parse(ref_or_id)
         if reference is not None and not _is_full_id(ref_or_id):
             name = str(reference)
             for img in images:
-                if name in img.names:
+                if name in img.names or name in img.repo_digests:
                     return img
         match = _ID.match(ref_or_id)
         if match is not None:
@@ -277,15 +279,31 @@ class RuntimeOps(ClientBase):
 
     # -- unpack for a handler, rootfs -------------------------------------------------------------------
 
+    def committed_in(self, resolved: ResolvedManifest, snapshotter: str) -> bool:
+        """Whether the top layer of ``resolved`` is a committed snapshot of ``snapshotter``."""
+        chain_ids = resolved.chain_ids
+        if not chain_ids:
+            return False
+        try:
+            return self.snapshotter(snapshotter).stat(str(chain_ids[-1])).kind == Kind.COMMITTED
+        except NotFoundError:
+            return False
+
     def ensure_unpacked(self, image: str, runtime_handler: str = "") -> UnpackResult | None:
         """Unpack an image already in the store into the handler's snapshotter, as a pull for that handler
         would (same unpacker, same CRI labels unless ``disable_snapshot_annotations``). None when it is
         unpacked there already. Never pulls: blobs missing from the store are a FailedPreconditionError that
         names the image and every missing digest."""
-        name = self._record_name(image)
-        snapshotter = self.snapshotter_for(runtime_handler)
-        if self.unpacked(name, snapshotter):
-            return None
+        return self._ensure_unpacked(self._record_name(image), self.snapshotter_for(runtime_handler))[1]
+
+    def _ensure_unpacked(self, name: str, snapshotter: str) -> tuple[Digest, UnpackResult | None]:
+        """``ensure_unpacked`` of the image record ``name``; also returns the image's top chainID."""
+        try:
+            resolved: ResolvedManifest | None = self.resolve_manifest(name)
+        except NotFoundError:
+            resolved = None  # its manifest or config is gone (or no manifest for this platform): named below
+        if resolved is not None and self.committed_in(resolved, snapshotter):
+            return resolved.chain_ids[-1], None
         missing = self.check(name).missing
         if missing:
             raise FailedPreconditionError(
@@ -293,8 +311,9 @@ class RuntimeOps(ClientBase):
                 f"from the content store (garbage-collected?): {', '.join(str(d.digest) for d in missing)}; "
                 "pull the image again"
             )
-        return self.unpack(name, snapshotter=snapshotter, fetch_missing=False,
-                           layer_labels=not self.config.disable_snapshot_annotations)
+        result = self.unpack(name, snapshotter=snapshotter, fetch_missing=False,
+                             layer_labels=not self.config.disable_snapshot_annotations)
+        return result.chain_id, result
 
     def prepare_rootfs(self, container_id: str, image: str, runtime_handler: str = "", *,
                        readonly: bool = False) -> list[Mount]:
@@ -307,9 +326,10 @@ class RuntimeOps(ClientBase):
         if not container_id:
             raise InvalidArgumentError("prepare rootfs: empty container id")
         name = self._record_name(image)
-        self.ensure_unpacked(name, runtime_handler)
-        sn = self.snapshotter(self.snapshotter_for(runtime_handler))
-        parent = str(self.resolve_manifest(name).chain_ids[-1])
+        snapshotter = self.snapshotter_for(runtime_handler)
+        top, _ = self._ensure_unpacked(name, snapshotter)
+        sn = self.snapshotter(snapshotter)
+        parent = str(top)
         labels = {LABEL_GC_ROOT: utcnow().isoformat(), CONTAINER_LABEL: container_id, IMAGE_LABEL: name}
         if runtime_handler:
             labels[RUNTIME_HANDLER_LABEL] = runtime_handler

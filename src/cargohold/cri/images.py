@@ -4,7 +4,7 @@
   config is one image (``repo_tags``: names with a tag; ``repo_digests``: ``repository@digest`` of what each
   name points at); ``size`` is the manifest's config and layers; ``uid``/``username`` come from the config's
   ``User`` (a number is a uid, anything else a user name; a ``:group`` is dropped); ``pinned`` marks the
-  config's ``sandbox_image``.
+  config's ``sandbox_image`` (by a name or a repo digest).
 * Credentials: AuthConfig's username/password, else identity token, else ``auth`` (base64 ``user:password``),
   and ``registry_token`` (a bearer token used as it is); ``server_address`` limits them to that registry.
 * Usage: the bytes (allocated blocks) and inodes under each snapshotter's directory, the default snapshotter
@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Iterable
@@ -36,16 +37,20 @@ from cargohold.snapshots import known_snapshotters
 RUNTIME_HANDLER_ANNOTATION = "io.kubernetes.cri.runtime-handler"
 """Sandbox annotation older kubelets used for the runtime handler of a pull (containerd still reads it)."""
 
+_UID = re.compile(r"[+-]?[0-9]+\Z")
+
 
 def image_user(user: str) -> tuple[int | None, str]:
-    """(uid, username) of a config ``User``: ``"1000"`` -> (1000, ""), ``"nginx:www"`` -> (None, "nginx")."""
+    """(uid, username) of a config ``User``: ``"1000"`` -> (1000, ""), ``"nginx:www"`` -> (None, "nginx").
+
+    A uid is what Go's ``strconv.ParseInt(s, 10, 64)`` reads, as containerd: ``1_000``, `` 7`` or a number
+    past int64 are user names (and never break the Int64Value of the CRI message)."""
     if not user:
         return None, ""
     name = user.split(":", 1)[0]
-    try:
-        return int(name, 10), ""
-    except ValueError:
-        return None, name
+    if _UID.match(name) and -(1 << 63) <= (uid := int(name)) < (1 << 63):
+        return uid, ""
+    return None, name
 
 
 def is_pinned(client: Client, image: RuntimeImage) -> bool:
@@ -57,7 +62,7 @@ def is_pinned(client: Client, image: RuntimeImage) -> bool:
         name = str(Reference.parse(sandbox))
     except InvalidArgumentError:
         return False
-    return name in image.names
+    return name in image.names or name in image.repo_digests
 
 
 def to_cri_image(client: Client, image: RuntimeImage) -> pb.Image:
@@ -76,8 +81,8 @@ def unpacked_in(client: Client, image: RuntimeImage) -> list[str]:
     names |= {r.snapshotter for r in client.config.runtimes.values() if r.snapshotter}
     found = []
     for name in sorted(names):
-        with contextlib.suppress(CargoholdError, OSError):
-            if client.unpacked(image.name, name):
+        with contextlib.suppress(CargoholdError, OSError):  # a proxy that is down, a snapshotter unknown here
+            if client.committed_in(image.resolved, name):
                 found.append(name)
     return found
 

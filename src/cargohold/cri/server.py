@@ -29,7 +29,14 @@ from cargohold.cri import images as criimages
 from cargohold.cri.errors import grpc_code
 from cargohold.cri.proto import api_pb2 as pb
 from cargohold.cri.proto import api_pb2_grpc as pb_grpc
-from cargohold.errors import AlreadyExistsError, CargoholdError, InvalidArgumentError, NotFoundError, UnavailableError
+from cargohold.errors import (
+    AlreadyExistsError,
+    CargoholdError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +180,8 @@ class CRIServer:
         self.socket_path = Path(socket_path).absolute()
         self.max_workers = max_workers
         self._server: grpc.Server | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._bound = False
 
     @property
     def address(self) -> str:
@@ -183,33 +192,47 @@ class CRIServer:
         """Bind the socket (mode 0660) and serve."""
         if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
             raise InvalidArgumentError(f"socket {self.socket_path}: path longer than {MAX_SOCKET_PATH} bytes")
+        if self._server is not None:
+            raise FailedPreconditionError(f"socket {self.socket_path}: this server is running already")
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         _clear_stale_socket(self.socket_path)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers,
-                                                        thread_name_prefix="cri"))
-        # The generated *_pb2_grpc module has no type hints (grpcio-tools writes no stub for it).
-        pb_grpc.add_ImageServiceServicer_to_server(ImageService(self.client), server)  # type: ignore[no-untyped-call]
-        pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(), server)  # type: ignore[no-untyped-call]
-        # The socket is created by the bind below: a umask keeps it from ever being wider than 0660.
-        old = os.umask(0o117)
+        # Ours, not grpc's: grpc never shuts its pool down, and each worker thread holds a database connection.
+        self._pool = futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="cri")
+        self._server = server = grpc.server(self._pool)
         try:
-            port = server.add_insecure_port(self.address)
-        except RuntimeError as exc:
-            raise UnavailableError(f"socket {self.socket_path}: cannot listen: {exc}") from None
-        finally:
-            os.umask(old)
-        if not port:
-            raise UnavailableError(f"socket {self.socket_path}: cannot listen")
-        os.chmod(self.socket_path, SOCKET_MODE)
-        server.start()
-        self._server = server
+            # The generated *_pb2_grpc module has no type hints (grpcio-tools writes no stub for it).
+            pb_grpc.add_ImageServiceServicer_to_server(ImageService(self.client), server)  # type: ignore[no-untyped-call]
+            pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(), server)  # type: ignore[no-untyped-call]
+            # The socket is created by the bind below: a umask keeps it from ever being wider than 0660.
+            old = os.umask(0o117)
+            try:
+                port = server.add_insecure_port(self.address)
+            except RuntimeError as exc:
+                raise UnavailableError(f"socket {self.socket_path}: cannot listen: {exc}") from None
+            finally:
+                os.umask(old)
+            if not port:
+                raise UnavailableError(f"socket {self.socket_path}: cannot listen")
+            self._bound = True
+            os.chmod(self.socket_path, SOCKET_MODE)
+            server.start()
+        except BaseException:
+            self.stop(grace=None)
+            raise
         log.info("CRI image service on %s (namespace %s)", self.address, self.client.namespace)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Stop serving (RPCs in flight get ``grace`` seconds) and remove the socket."""
-        if self._server is not None:
-            self._server.stop(grace).wait()
-            self._server = None
+        """Stop serving (RPCs in flight get ``grace`` seconds, then are cancelled; their handlers are waited
+        for) and remove the socket. A server that never bound the socket leaves the path alone: it may be
+        another's."""
+        server, pool, self._server, self._pool = self._server, self._pool, None, None
+        bound, self._bound = self._bound, False
+        if server is not None:
+            server.stop(grace).wait()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if not bound:
+            return
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)

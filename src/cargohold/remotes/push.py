@@ -12,10 +12,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 from urllib.parse import urlencode, urljoin
 
-from cargohold.content.store import Info, ReaderAt
+from cargohold.content.store import Info, Provider, ReaderAt
 from cargohold.errors import (
     CargoholdError,
     DigestMismatchError,
@@ -48,15 +48,10 @@ DEFAULT_CONCURRENCY = 3
 _RESTART_CODES = frozenset({"BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID", "DIGEST_INVALID", "SIZE_INVALID"})
 
 ProgressFn = Callable[[int], None]
-_T = TypeVar("_T")
 
 
-class PushSource(Protocol):
+class PushSource(Provider, Protocol):
     """What a push reads: committed blobs and their labels (``NamespacedStore`` is one)."""
-
-    def reader_at(self, digest: Digest) -> ReaderAt: ...
-
-    def read_all(self, digest: Digest) -> bytes: ...
 
     def exists(self, digest: Digest) -> bool: ...
 
@@ -247,16 +242,17 @@ class Pusher:
         self, desc: Descriptor, reader: ReaderAt, *, upload: Upload | None = None, progress: ProgressFn | None = None
     ) -> None:
         """Upload a blob's bytes from ``reader``: one PUT up to ``chunk_threshold`` bytes, else PATCH chunks
-        of ``chunk_size`` and a final PUT ``?digest=``. ``upload`` is a session already open (from ``mount``).
+        of ``chunk_size`` and a final PUT ``?digest=``. ``upload`` is a session already open (from ``mount``);
+        it is used up: finished, or cancelled when the upload fails.
 
         The registry's Docker-Content-Digest must match. ``progress(sent)`` is called as bytes go out.
         """
-        if reader.size != desc.size:
-            raise SizeMismatchError(desc.digest, desc.size, reader.size)
         policy = self.resolver.transport.retries
         attempts = max(1, policy.attempts)
         for attempt in range(1, attempts + 1):
             try:
+                if reader.size != desc.size:
+                    raise SizeMismatchError(desc.digest, desc.size, reader.size)
                 if upload is None:
                     upload = self.start_upload()
                 if desc.size > self.chunk_threshold:
@@ -266,6 +262,9 @@ class Pusher:
                 return
             except (_Restart, UnavailableError) as exc:
                 error = exc.error if isinstance(exc, _Restart) else exc
+                if upload is not None:
+                    self.cancel(upload)
+                upload = None
                 if attempt >= attempts:
                     raise error from None
                 delay = policy.delay(attempt)
@@ -274,10 +273,12 @@ class Pusher:
                     action="host", status="info", item=self.host.host,
                     message=f"upload {desc.digest}: {error}; retry {attempt}/{attempts - 1}",
                 ))
+                time.sleep(delay)
+            except BaseException:
+                # The session would linger on the registry until it expires.
                 if upload is not None:
                     self.cancel(upload)
-                upload = None
-                time.sleep(delay)
+                raise
 
     def _upload_whole(
         self, desc: Descriptor, reader: ReaderAt, upload: Upload, progress: ProgressFn | None

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from cargohold.errors import (
     FailedPreconditionError,
@@ -21,10 +19,11 @@ from cargohold.errors import (
     UnsupportedMediaTypeError,
 )
 from cargohold.events import Event, EventSink, discard
+from cargohold.images.handlers import dispatch, read_manifest_or_index
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
-from cargohold.oci.manifest import Index, parse_manifest_or_index
+from cargohold.oci.manifest import Index
 from cargohold.oci.platform import PlatformMatcher
 from cargohold.remotes.push import (
     DEFAULT_CONCURRENCY,
@@ -36,8 +35,6 @@ from cargohold.remotes.push import (
 )
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 
 # -- planning ------------------------------------------------------------------------------------------------
@@ -126,7 +123,7 @@ def plan_push(
 
 
 def _children(source: PushSource, desc: Descriptor) -> list[Descriptor]:
-    doc = parse_manifest_or_index(source.read_all(desc.digest), desc.media_type, where=desc.describe())
+    doc = read_manifest_or_index(source, desc)
     if isinstance(doc, Index):
         return list(doc.manifests)
     return [doc.config, *doc.layers]
@@ -180,7 +177,7 @@ def push_image(
     """Push a plan: each level after the one before, ``concurrency`` at a time; the target under ``tag``
     (or its digest). A blob the repository has is skipped (HEAD); one whose distribution-source label names
     another repository of the same registry is mounted from there. Events: action ``push``, status
-    running/done/exists/mounted/error, item the digest (the target's item is the reference).
+    running/done/exists/mounted/error, item the digest (the target's ``done`` names the tag in its message).
     """
     if plan.missing:
         raise FailedPreconditionError(
@@ -243,26 +240,12 @@ def push_image(
             event("error", desc, message=str(exc))
             raise
 
+    def handle(desc: Descriptor) -> Sequence[Descriptor]:
+        one(desc)
+        return ()  # the plan's levels say what comes next, not the graph
+
     for level in plan.levels:
-        _run_all(one, level, concurrency)
+        # The first error stops what has not started and is raised.
+        dispatch(handle, level, concurrency=concurrency)
     return PushOutcome(target=plan.target, pushed=tuple(results["pushed"]), mounted=tuple(results["mounted"]),
                        existing=tuple(results["existing"]))
-
-
-def _run_all(fn: Callable[[_T], None], items: Iterable[_T], concurrency: int) -> None:
-    """Run ``fn`` on every item, ``concurrency`` at a time; the first error cancels what has not started."""
-    todo = list(items)
-    if len(todo) <= 1 or concurrency <= 1:
-        for item in todo:
-            fn(item)
-        return
-    with ThreadPoolExecutor(max_workers=min(concurrency, len(todo)), thread_name_prefix="push") as pool:
-        futures: list[Future[None]] = [pool.submit(fn, item) for item in todo]
-        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in pending:
-            fut.cancel()
-        wait(pending)
-    for fut in futures:
-        error = None if fut.cancelled() else fut.exception()
-        if error is not None:
-            raise error
