@@ -29,7 +29,7 @@ from cargohold.errors import (
     NotFoundError,
     UnavailableError,
 )
-from cargohold.snapshots import Info, Kind, Mount, Snapshotter, open_proxy_snapshotter, with_temp_mount
+from cargohold.snapshots import Info, Kind, Mount, Snapshotter, Usage, open_proxy_snapshotter, with_temp_mount
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from cargohold.snapshots.proxy import ProxySnapshotter
 from cargohold.unpack.labels import (
@@ -39,7 +39,13 @@ from cargohold.unpack.labels import (
     CRI_MANIFEST_DIGEST,
     SNAPSHOT_REF,
 )
-from support.stargz import StargzDaemon, running_stargz, stargz_binary, stargz_daemon  # noqa: F401 (fixtures)
+from support.stargz import (  # noqa: F401 (stargz_binary, stargz_daemon: fixtures)
+    StargzDaemon,
+    mounts_under,
+    running_stargz,
+    stargz_binary,
+    stargz_daemon,
+)
 
 SERVICE = "/containerd.services.snapshots.v1.Snapshots"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the stargz daemon and mounts need root")
@@ -68,9 +74,14 @@ class _FakeSnapshots(snapshots_pb2_grpc.SnapshotsServicer):
 
     def __init__(self) -> None:
         self.requests: list[Any] = []
+        self.entered = threading.Event()  # a "slow-..." call has arrived
+        self.release = threading.Event()  # ... and may answer
 
     def _check(self, request: Any, context: grpc.ServicerContext, key: str) -> None:
         self.requests.append(request)
+        if key.startswith("slow-"):
+            self.entered.set()
+            self.release.wait(30)
         if key.startswith("fail-"):
             code = grpc.StatusCode[key.removeprefix("fail-")]
             # containerd's errdefs.ToGRPC keeps the error kind as a suffix of the message.
@@ -139,6 +150,7 @@ def fake_server() -> Iterator[tuple[str, _FakeSnapshots, _Recorder]]:
     try:
         yield str(socket), servicer, recorder
     finally:
+        servicer.release.set()
         server.stop(grace=None)
         shutil.rmtree(sockdir, ignore_errors=True)
 
@@ -165,13 +177,13 @@ def test_wire_method_names_namespace_header_and_snapshotter_field(
     assert (updated.key, updated.kind, dict(updated.labels)) == ("u", Kind.COMMITTED, {"x": "1", "gone": ""})
     walked = list(sn.walk("kind==committed", 'labels."a.b"==c'))
     assert [(i.key, i.kind) for i in walked] == [("a", Kind.COMMITTED), ("b", Kind.COMMITTED), ("z", Kind.ACTIVE)]
-    assert sn.usage("k") == type(sn.usage("k"))(size=1 << 40, inodes=7)
+    assert sn.usage("k") == Usage(size=1 << 40, inodes=7)
     sn.remove("k")
     sn.cleanup()
 
     assert [m for m, _ in recorder.calls] == [
         f"{SERVICE}/{verb}" for verb in ("Prepare", "View", "Mounts", "Commit", "Stat", "Update", "List", "Usage",
-                                         "Usage", "Remove", "Cleanup")
+                                         "Remove", "Cleanup")
     ]
     assert all(md.get("containerd-namespace") == "team-a" for _, md in recorder.calls)
     assert all(r.snapshotter == "remote-one" for r in servicer.requests)
@@ -211,14 +223,14 @@ def test_status_codes_map_to_error_kinds(
     with pytest.raises(kind) as exc:
         sn.stat(f"fail-{code}")
     assert type(exc.value) is kind
-    message = str(exc.value)
-    assert f"fail-{code}" in message and f"unix://{socket}" in message and "remote-one" in message
-    if kind is not CargoholdError:
-        # The kind is the exception's type: containerd's ": not found"-style suffix is not repeated.
-        assert message.endswith(f"snapshot fail-{code}") or message.endswith(f"fail-{code} (snapshotter remote-one at "
-                                                                              f"unix://{socket})")
-    else:
-        assert code in message
+    where = f"snapshotter remote-one at unix://{socket}"
+    # The kind is the exception's type: containerd's ": not found"-style suffix is not repeated; a code without
+    # a kind keeps its name and the daemon's whole message.
+    expected = {
+        UnavailableError: f"stat snapshot fail-{code}: {where} unavailable: snapshot fail-{code}",
+        CargoholdError: f"stat snapshot fail-{code}: {code}: snapshot fail-{code}: {code.lower()} ({where})",
+    }.get(kind, f"stat snapshot fail-{code}: snapshot fail-{code} ({where})")
+    assert str(exc.value) == expected
     sn.close()
 
 
@@ -235,7 +247,12 @@ def test_client_side_checks_raise_before_any_call(fake_server: tuple[str, _FakeS
         sn.prepare("")
     with pytest.raises(InvalidArgumentError, match="name must not be empty"):
         sn.commit("", "k")
+    with pytest.raises(InvalidArgumentError, match="invalid label ''"):
+        sn.update(Info(key="k"), ["labels."])
     assert recorder.calls == []
+    # As the local snapshotters: only the labels an update applies are checked (here "big" is not applied).
+    ignored = sn.update(Info(key="k", labels={"x": "1", "big": "x" * 5000}), ["labels.x"])
+    assert ignored.labels["x"] == "1"
     with pytest.raises(InvalidArgumentError, match="namespace"):
         ProxySnapshotter("x", socket, namespace="")
     with pytest.raises(InvalidArgumentError, match="address"):
@@ -245,6 +262,18 @@ def test_client_side_checks_raise_before_any_call(fake_server: tuple[str, _FakeS
     relative.close()
     assert ProxySnapshotter("x", "unix:/run/s.sock", namespace="default").address == "unix:///run/s.sock"
     sn.close()
+
+
+def test_close_while_a_call_is_in_flight(fake_server: tuple[str, _FakeSnapshots, _Recorder]) -> None:
+    socket, servicer, _ = fake_server
+    sn = ProxySnapshotter("remote-one", socket, namespace="default")
+    with futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(sn.stat, "slow-1")
+        assert servicer.entered.wait(10)
+        sn.close()  # grpc cancels the call in flight: it fails as a call on a closed snapshotter
+        with pytest.raises(FailedPreconditionError, match=f"stat snapshot slow-1: snapshotter remote-one at "
+                                                          f"unix://{socket} is closed"):
+            pending.result(timeout=10)
 
 
 def test_unreachable_socket_is_unavailable_naming_it(tmp_path: Path) -> None:
@@ -276,76 +305,60 @@ def _fs_types_under(path: Path) -> set[str]:
     return found
 
 
-def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as fh:
-        points = [line.split()[4] for line in fh]
-    return [p for p in points if p == str(path) or p.startswith(f"{path}/")]
-
-
 @needs_root
-def test_stargz_error_kinds_name_key_and_socket(stargz: ProxySnapshotter, stargz_daemon: StargzDaemon) -> None:  # noqa: F811
-    where = f"unix://{stargz_daemon.socket}"
-    with pytest.raises(NotFoundError, match="missing-parent") as nf:
-        stargz.prepare("x", "missing-parent")
-    assert where in str(nf.value)
+def test_stargz_errors_name_key_and_socket(stargz: ProxySnapshotter, stargz_daemon: StargzDaemon) -> None:  # noqa: F811
+    """The error kinds themselves are test_snapshots.py::test_error_kinds, run against stargz too; here each
+    stargz error names the key and the socket, and a stopped daemon is unavailable."""
+    where = f"(snapshotter stargz at unix://{stargz_daemon.socket})"
     stargz.prepare("dup-key")
-    with pytest.raises(AlreadyExistsError, match="dup-key"):
-        stargz.prepare("dup-key")
-    with pytest.raises(AlreadyExistsError, match="dup-key"):
-        stargz.view("dup-key")
-    with pytest.raises(InvalidArgumentError, match="dup-key"):
-        stargz.prepare("on-active", "dup-key")  # a parent must be committed
     stargz.commit("done", "dup-key")
-    with pytest.raises(FailedPreconditionError, match="done"):
-        stargz.commit("again", "done")
-    with pytest.raises(FailedPreconditionError, match="done"):
-        stargz.mounts("done")
     stargz.view("v", "done")
-    with pytest.raises(FailedPreconditionError, match="v"):
-        stargz.commit("vv", "v")
     stargz.prepare("other")
-    with pytest.raises(AlreadyExistsError, match="done"):
-        stargz.commit("done", "other")
-    with pytest.raises(NotFoundError, match="nope"):
-        stargz.commit("z", "nope")
-    with pytest.raises(NotFoundError, match="nope"):
-        stargz.mounts("nope")
-    with pytest.raises(NotFoundError, match="nope"):
-        stargz.stat("nope")
-    with pytest.raises(NotFoundError, match="nope"):
-        stargz.usage("nope")
-    with pytest.raises(InvalidArgumentError, match="parent"):
-        stargz.update(Info(key="other", parent="done"), ["parent"])
-    with pytest.raises(FailedPreconditionError, match="done"):
-        stargz.remove("done")  # "v" is its child
+    cases: list[tuple[type[CargoholdError], str, Any]] = [
+        (NotFoundError, "prepare snapshot x on missing-parent: ", lambda: stargz.prepare("x", "missing-parent")),
+        (AlreadyExistsError, "prepare snapshot other: ", lambda: stargz.prepare("other")),
+        (AlreadyExistsError, "commit snapshot other as done: ", lambda: stargz.commit("done", "other")),
+        (InvalidArgumentError, "prepare snapshot on-active on other: ", lambda: stargz.prepare("on-active", "other")),
+        (FailedPreconditionError, "commit snapshot done as again: ", lambda: stargz.commit("again", "done")),
+        (FailedPreconditionError, "mounts of snapshot done: ", lambda: stargz.mounts("done")),
+        (FailedPreconditionError, "remove snapshot done: ", lambda: stargz.remove("done")),  # "v" is its child
+        (NotFoundError, "stat snapshot nope: ", lambda: stargz.stat("nope")),
+        (NotFoundError, "usage of snapshot nope: ", lambda: stargz.usage("nope")),
+        (InvalidArgumentError, "update snapshot other: ", lambda: stargz.update(Info(key="other", parent="done"),
+                                                                                ["parent"])),
+    ]
+    for kind, prefix, call in cases:
+        with pytest.raises(kind) as exc:
+            call()
+        assert type(exc.value) is kind
+        message = str(exc.value)
+        assert message.startswith(prefix) and message.endswith(where), message
     assert [(i.key, i.kind) for i in stargz.walk()] == [
         ("done", Kind.COMMITTED), ("other", Kind.ACTIVE), ("v", Kind.VIEW)]
 
     stargz_daemon.stop_process()
-    with pytest.raises(UnavailableError, match=f"stat snapshot done: snapshotter stargz at {where} unavailable"):
+    with pytest.raises(UnavailableError, match=f"stat snapshot done: snapshotter stargz at unix://"
+                                               f"{stargz_daemon.socket} unavailable"):
         stargz.stat("done")
 
 
 @needs_root
 def test_stargz_mounts_usage_and_remove(stargz: ProxySnapshotter, stargz_daemon: StargzDaemon,  # noqa: F811
                                         tmp_path: Path) -> None:
+    """stargz's mount shapes, a whiteout in a child's usage, asynchronous removal; the usage of a layer and of
+    a plain child is test_snapshots.py::test_usage_counts_bytes_and_inodes (stargz too)."""
     snapdir = stargz_daemon.root / "snapshotter" / "snapshots"
     first = stargz.prepare("a")
     assert len(first) == 1 and first[0].type == "bind" and sorted(first[0].options) == ["rbind", "rw"]
     assert Path(first[0].source).parent.parent == snapdir
     assert stargz.mounts("a") == first
-    empty = stargz.usage("a")
-    assert empty.inodes == 1
     payload = os.urandom(1 << 20)
     with with_temp_mount(first, root=tmp_path / "mnt") as mnt:
         (mnt / "big").write_bytes(payload)
-        os.link(mnt / "big", mnt / "big-link")  # hard links count once
+        os.link(mnt / "big", mnt / "big-link")
         (mnt / "d").mkdir()
         (mnt / "d" / "small").write_bytes(b"x" * 100)
-    used = stargz.usage("a")
-    assert used.inodes == empty.inodes + 3 and (1 << 20) <= used.size - empty.size <= (1 << 20) + 3 * 8192
     stargz.commit("A", "a", {"layer": "a"})
-    assert stargz.usage("A") == used  # measured at commit, kept in the daemon's metadata
 
     child = stargz.prepare("b", "A")
     assert [m.type for m in child] == ["overlay"]
@@ -382,27 +395,27 @@ def test_stargz_mounts_usage_and_remove(stargz: ProxySnapshotter, stargz_daemon:
     assert os.listdir(snapdir)  # stargz removes asynchronously: the directories wait for Cleanup
     stargz.cleanup()
     assert os.listdir(snapdir) == []
-    assert not _mounts_under(tmp_path / "mnt")
+    assert not mounts_under(tmp_path / "mnt")
 
 
 @needs_root
-def test_stargz_parallel_prepares_and_second_client(stargz: ProxySnapshotter, stargz_daemon: StargzDaemon,  # noqa: F811
-                                                    ) -> None:
+def test_stargz_second_client_shares_the_daemons_key_space(stargz: ProxySnapshotter,  # noqa: F811
+                                                           stargz_daemon: StargzDaemon) -> None:  # noqa: F811
+    """Parallel prepares on one client are test_snapshots.py::test_threads_prepare_in_parallel (stargz too)."""
     stargz.prepare("p-a")
     stargz.commit("parent", "p-a")
-    keys = [f"k{i}" for i in range(6)] + ["dup"] * 4
-    with futures.ThreadPoolExecutor(max_workers=len(keys)) as pool:
-        done = [pool.submit(stargz.prepare, key, "parent", {"k": key}) for key in keys]
-    outcomes = [type(f.exception()).__name__ if f.exception() else "ok" for f in done]
-    assert outcomes[:6] == ["ok"] * 6
-    assert sorted(outcomes[6:]) == ["AlreadyExistsError"] * 3 + ["ok"]
-
+    keys = [f"k{i}" for i in range(6)]
+    for key in keys:
+        stargz.prepare(key, "parent", {"k": key})
     # Another client (another name, another namespace) sees the same snapshots: the daemon's key space is its
     # own, and the namespace header is for the daemon to use or ignore (stargz ignores it).
     other = stargz_daemon.snapshotter(namespace="elsewhere", name="stargz-2")
-    assert [i.key for i in other.walk("kind==active")] == sorted(["dup", *keys[:6]])
+    assert [i.key for i in other.walk("kind==active")] == keys
     assert dict(other.stat("k3").labels) == {"k": "k3"}
     assert other.stat("k3").parent == "parent"
+    other.remove("k3")
+    with pytest.raises(NotFoundError, match="k3"):
+        stargz.stat("k3")
 
 
 # --- pulls into stargz as a remote snapshotter ------------------------------------------------------------
@@ -502,7 +515,7 @@ def test_pull_into_stargz_ordinary_image_falls_back_to_local_apply(
                 assert _tree(target) == expected
             finally:
                 client.unmount(target)
-            assert not _mounts_under(target)
+            assert not mounts_under(target)
             assert list(sn.walk("kind==view")) == []
 
             # A second pull finds the snapshots in the daemon and, remote, fetches nothing.
@@ -511,7 +524,7 @@ def test_pull_into_stargz_ordinary_image_falls_back_to_local_apply(
             assert [layer.status for layer in again.unpack.layers] == ["exists", "exists"]
         finally:
             client.close()
-    assert not _mounts_under(tmp_path)
+    assert not mounts_under(tmp_path)
 
 
 # --- an eStargz layer: stargz mounts it lazily (FUSE) and the unpacker must not fetch it ----------------------
@@ -590,7 +603,7 @@ def test_pull_into_stargz_estargz_layer_is_lazy_and_never_fetched(
             sn.remove("check")
         finally:
             client.close()
-    assert not _mounts_under(tmp_path)
+    assert not mounts_under(tmp_path)
 
 
 def test_threads_share_one_channel(fake_server: tuple[str, _FakeSnapshots, _Recorder]) -> None:
@@ -653,4 +666,4 @@ def test_estargz_layer_verified_against_toc_digest_label(
             assert (mnt / "opt" / "small").read_bytes() == b"small\n"
         sn.remove("check")
 
-    assert not _mounts_under(tmp_path)
+    assert not mounts_under(tmp_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import struct
 import tarfile
@@ -98,25 +99,16 @@ class _Builder:
 
 
 def estargz_layer(files: Mapping[str, bytes]) -> tuple[bytes, bytes, str]:
-    """An eStargz layer of plain files (parent directories made, a no-prefetch landmark first).
-    Returns (blob, uncompressed tar, TOC digest)."""
+    """The eStargz form of ``samples.files_layer(files)`` (the same entries, parent directories made), after a
+    no-prefetch landmark. Returns (blob, uncompressed tar, TOC digest)."""
     b = _Builder()
     landmark = tarfile.TarInfo(NO_PREFETCH_LANDMARK)
     landmark.size, landmark.mode, landmark.mtime = 1, 0o644, samples.FIXED_MTIME
     b.add(landmark, b"\x0f")
-    seen: set[str] = set()
-    for path in sorted(files):
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            if parent not in seen:
-                seen.add(parent)
-                d = tarfile.TarInfo(parent)
-                d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, samples.FIXED_MTIME
-                b.add(d)
-        f = tarfile.TarInfo(path)
-        f.size, f.mode, f.mtime = len(files[path]), 0o644, samples.FIXED_MTIME
-        b.add(f, files[path])
+    with tarfile.open(fileobj=io.BytesIO(samples.files_layer(dict(files)))) as plain:
+        for member in plain:
+            data = plain.extractfile(member) if member.isfile() else None
+            b.add(member, data.read() if data is not None else b"")
     return b.finish()
 
 

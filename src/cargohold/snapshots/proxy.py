@@ -6,10 +6,12 @@ travels in the ``containerd-namespace`` gRPC metadata, and every request carries
 side configured (containerd sends its proxy plugin's name; servers built on containerd's
 ``contrib/snapshotservice``, stargz's among them, ignore it).
 
-What containerd's metadata layer does before a proxy is reached, this client does itself: labels are checked
-against the 4096-byte limit and filters are parsed locally, so those errors are raised at the call and name
-the key or filter. Keys are the daemon's own: a plain remote snapshotter has one key space, whatever the
-namespace (containerd prefixes keys per namespace in its metadata DB; we have no such layer in front).
+What containerd's metadata layer does before a proxy is reached, this client does itself with the local
+snapshotters' own checks: labels go through ``storage.validate_labels`` (the 4096-byte limit; for ``update``,
+the labels its field paths apply) and filters through ``filters.parse_filters``, so those errors are raised at
+the call and name the key or filter. Keys are the daemon's own: a plain remote snapshotter has one key space,
+whatever the namespace (containerd prefixes keys per namespace in its metadata DB; we have no such layer in
+front).
 
 gRPC status codes map back onto cargohold's error kinds in one table (``_KINDS``); every error names the key
 and the socket.
@@ -37,12 +39,13 @@ from cargohold.errors import (
 from cargohold.snapshots.base import Info, Kind, Mount, Usage
 from cargohold.snapshots.filters import parse_filters
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from cargohold.snapshots.storage import validate_labels
 
 NAMESPACE_HEADER = "containerd-namespace"
 """gRPC metadata key containerd's clients put the namespace in (containerd's namespaces.GRPCHeader)."""
 
-MAX_LABEL_SIZE = 4096  # key + value bytes, as containerd's labels.Validate
 MAX_MESSAGE_SIZE = 16 << 20  # containerd's default gRPC message limit
+MAX_RECONNECT_BACKOFF_MS = 3000  # as containerd's proxy plugins: a restarted daemon is seen again within 3 s
 
 # gRPC status code -> (error kind, the suffix containerd's errdefs leaves on the message for that kind).
 _KINDS: dict[grpc.StatusCode, tuple[type[CargoholdError], str]] = {
@@ -99,6 +102,7 @@ class ProxySnapshotter:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ],
         )
         self._stub: Any = snapshots_pb2_grpc.SnapshotsStub(self._channel)  # type: ignore[no-untyped-call]
@@ -114,15 +118,24 @@ class ProxySnapshotter:
     def _where(self) -> str:
         return f"snapshotter {self.name} at {self.address}"
 
+    def _closed_error(self, what: str) -> FailedPreconditionError:
+        return FailedPreconditionError(f"{what}: {self._where} is closed")
+
     def _call(self, method: str, request: Any, what: str) -> Any:
         if self._closed:
-            raise FailedPreconditionError(f"{what}: {self._where} is closed")
+            raise self._closed_error(what)
         try:
             return getattr(self._stub, method)(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as exc:
             self._raise(exc, what)
+        except ValueError:  # grpc's "Cannot invoke RPC on closed channel!": close() ran on another thread
+            if self._closed:
+                raise self._closed_error(what) from None
+            raise
 
     def _raise(self, exc: grpc.RpcError, what: str) -> NoReturn:
+        if self._closed:  # a call in flight when close() ran on another thread is cancelled by grpc
+            raise self._closed_error(what) from None
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         detail = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
         kind, suffix = _KINDS.get(code, (CargoholdError, ""))
@@ -146,7 +159,7 @@ class ProxySnapshotter:
         what = f"update snapshot {key}"
         if not key:
             raise InvalidArgumentError(f"snapshot update: key must not be empty ({self._where})")
-        _check_labels(info.labels, what)
+        validate_labels(_applied_labels(info, fieldpaths), what)
         request = snapshots_pb2.UpdateSnapshotRequest(
             snapshotter=self.name,
             info=_from_info(info),
@@ -169,7 +182,7 @@ class ProxySnapshotter:
         if not key:
             raise InvalidArgumentError(f"snapshot key must not be empty ({self._where})")
         request = snapshots_pb2.PrepareSnapshotRequest(
-            snapshotter=self.name, key=key, parent=parent, labels=_check_labels(labels or {}, what)
+            snapshotter=self.name, key=key, parent=parent, labels=validate_labels(labels or {}, what)
         )
         return _to_mounts(self._call("Prepare", request, what).mounts)
 
@@ -178,7 +191,7 @@ class ProxySnapshotter:
         if not key:
             raise InvalidArgumentError(f"snapshot key must not be empty ({self._where})")
         request = snapshots_pb2.ViewSnapshotRequest(
-            snapshotter=self.name, key=key, parent=parent, labels=_check_labels(labels or {}, what)
+            snapshotter=self.name, key=key, parent=parent, labels=validate_labels(labels or {}, what)
         )
         return _to_mounts(self._call("View", request, what).mounts)
 
@@ -187,7 +200,7 @@ class ProxySnapshotter:
         if not name:
             raise InvalidArgumentError(f"commit of snapshot {key}: name must not be empty ({self._where})")
         request = snapshots_pb2.CommitSnapshotRequest(
-            snapshotter=self.name, name=name, key=key, labels=_check_labels(labels or {}, what)
+            snapshotter=self.name, name=name, key=key, labels=validate_labels(labels or {}, what)
         )
         self._call("Commit", request, what)
 
@@ -224,13 +237,13 @@ class ProxySnapshotter:
 # --- conversions -------------------------------------------------------------------------------------------
 
 
-def _check_labels(labels: Mapping[str, str], what: str) -> dict[str, str]:
-    for k, v in labels.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise InvalidArgumentError(f"{what}: invalid label {k!r}={v!r}")
-        if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
-            raise InvalidArgumentError(f"{what}: label {k!r} longer than {MAX_LABEL_SIZE} bytes")
-    return dict(labels)
+def _applied_labels(info: Info, fieldpaths: Sequence[str]) -> Mapping[str, str]:
+    """The labels an update with ``fieldpaths`` sets (containerd's metadata layer validates those): all of
+    ``info.labels`` for no paths or "labels", else the value (or deletion) of each "labels.KEY"."""
+    if not fieldpaths or "labels" in fieldpaths:
+        return info.labels
+    prefix = "labels."
+    return {p[len(prefix):]: info.labels.get(p[len(prefix):], "") for p in fieldpaths if p.startswith(prefix)}
 
 
 def _to_time(ts: timestamp_pb2.Timestamp) -> datetime:
