@@ -286,3 +286,22 @@ def test_gc_follows_snapshot_labels_and_reports_unreferenced_snapshots(root: Pat
     result = collect(db, local)
     assert ("native", "default", "top") not in result.removed_snapshots
     assert img.config.digest in result.removed_content
+
+
+def test_close_closes_every_threads_connection(tmp_path: Path) -> None:
+    import sqlite3
+    import threading
+
+    db = MetadataDB(tmp_path / "m.db")
+    db.ensure_namespace("main")
+    conns: list[sqlite3.Connection] = []
+    worker = threading.Thread(target=lambda: conns.append(db.conn))
+    worker.start()
+    worker.join()
+    conns.append(db.conn)
+    assert conns[0] is not conns[1]
+    db.close()
+    for conn in conns:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")
+    assert "main" in db.namespaces()  # this thread reconnects after close

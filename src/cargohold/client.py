@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-from cargohold.clientbase import DISTRIBUTION_SOURCE, ClientBase, PullResult, default_root
+from cargohold.clientbase import ClientBase, PullResult, default_root
 from cargohold.clientops.copy import CopyOps
 from cargohold.clientops.runtime import RuntimeOps
+from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
 
 
 class Client(CopyOps, RuntimeOps):

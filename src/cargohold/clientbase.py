@@ -51,7 +51,7 @@ from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.platform import Platform, PlatformMatcher, default_matcher
 from cargohold.oci.reference import Reference
 from cargohold.remotes.credentials import CredentialStore
-from cargohold.remotes.fetch import fetch_blob
+from cargohold.remotes.fetch import DISTRIBUTION_SOURCE, fetch_blob
 from cargohold.remotes.resolver import Fetcher, Resolver
 from cargohold.snapshots import (
     default_snapshotter_name,
@@ -66,7 +66,6 @@ from cargohold.unpack.unpacker import FetchFn, LayerLabelsFn, Unpacker, UnpackRe
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTION_SOURCE = "containerd.io/distribution.source"
 
 
 def default_root() -> Path:
@@ -252,18 +251,20 @@ class ClientBase:
         return True
 
     def _add_source_label(self, desc: Descriptor, source: dict[str, str]) -> None:
-        try:
-            info = self.content.info(desc.digest)
-        except NotFoundError:
-            return
-        update: dict[str, str | None] = {}
-        for key, repo in source.items():
-            have = info.labels.get(key, "")
-            repos = [r for r in have.split(",") if r]
-            if repo not in repos:
-                update[key] = ",".join([*repos, repo])
-        if update:
-            self.content.update(desc.digest, update)
+        # One transaction: concurrent pulls and pushes adding repositories to the same label lose none.
+        with self.db.transaction():
+            try:
+                info = self.content.info(desc.digest)
+            except NotFoundError:
+                return
+            update: dict[str, str | None] = {}
+            for key, repo in source.items():
+                have = info.labels.get(key, "")
+                repos = [r for r in have.split(",") if r]
+                if repo not in repos:
+                    update[key] = ",".join([*repos, repo])
+            if update:
+                self.content.update(desc.digest, update)
 
     # -- snapshotters and unpack ------------------------------------------------------------------------
 

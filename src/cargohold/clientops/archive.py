@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cargohold.clientbase import DISTRIBUTION_SOURCE, ClientBase
+from cargohold.clientbase import ClientBase
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.errors import CargoholdError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cargohold.events import Event
@@ -36,6 +36,7 @@ from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.oci.platform import Platform, PlatformMatcher
+from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
 from cargohold.unpack.unpacker import FetchFn, UnpackResult
 
 __all__ = ["ArchiveOps", "ExportResult", "ImportResult"]

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cargohold.clientbase import DISTRIBUTION_SOURCE
 from cargohold.clientops.archive import ArchiveOps
 from cargohold.clientops.push import PushOps, PushResult
 from cargohold.content.namespaced import NamespacedStore
@@ -48,6 +47,7 @@ from cargohold.metadata.leases import LeaseStore
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.platform import Platform, PlatformMatcher
 from cargohold.oci.reference import Reference
+from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
 
 REGISTRY = "registry"
 LOCAL = "local"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cargohold.clientbase import DISTRIBUTION_SOURCE, ClientBase
+from cargohold.clientbase import ClientBase
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.errors import FailedPreconditionError, InvalidArgumentError
 from cargohold.events import Event
@@ -20,6 +20,7 @@ from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.oci.platform import Platform, PlatformMatcher
 from cargohold.oci.reference import Reference
+from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
 from cargohold.remotes.push import DEFAULT_CHUNK_THRESHOLD, DEFAULT_CONCURRENCY, Pusher
 from cargohold.remotes.pushplan import PushPlan, plan_push, push_image
 

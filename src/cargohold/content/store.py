@@ -16,11 +16,11 @@ from datetime import datetime
 from types import TracebackType
 from typing import BinaryIO, Protocol, Self, runtime_checkable
 
+from cargohold.metadata.gc import LABEL_GC_REF_CONTENT, LABEL_GC_REF_SNAPSHOT, LABEL_GC_ROOT
 from cargohold.oci.digest import Digest
 
-LABEL_GC_ROOT = "containerd.io/gc.root"
-LABEL_GC_REF_CONTENT = "containerd.io/gc.ref.content"
-LABEL_GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot"
+# containerd's garbage-collection labels; defined with the collector that reads them.
+__all__ = ["LABEL_GC_REF_CONTENT", "LABEL_GC_REF_SNAPSHOT", "LABEL_GC_ROOT"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

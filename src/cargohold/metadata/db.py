@@ -49,6 +49,8 @@ class MetadataDB:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []  # every thread's connection, for close()
+        self._all_lock = threading.Lock()
         self._migrate()
 
     def _connect(self) -> sqlite3.Connection:
@@ -66,6 +68,8 @@ class MetadataDB:
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
         return conn
 
     def _migrate(self) -> None:
@@ -133,7 +137,9 @@ class MetadataDB:
         return [r["name"] for r in self.query("SELECT name FROM namespaces ORDER BY name")]
 
     def close(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close every thread's connection (threads still using the database reconnect)."""
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
             conn.close()
-            self._local.conn = None
+        self._local.conn = None

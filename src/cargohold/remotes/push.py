@@ -39,7 +39,6 @@ from cargohold.remotes.resolver import Resolver
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTION_SOURCE = "containerd.io/distribution.source"
 DEFAULT_CHUNK_THRESHOLD = 16 << 20
 DEFAULT_CHUNK_SIZE = 8 << 20
 DEFAULT_CONCURRENCY = 3

@@ -25,9 +25,9 @@ from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.oci.manifest import Index
 from cargohold.oci.platform import PlatformMatcher
+from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
 from cargohold.remotes.push import (
     DEFAULT_CONCURRENCY,
-    DISTRIBUTION_SOURCE,
     Pusher,
     PushSource,
     Upload,
