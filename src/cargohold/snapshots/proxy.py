@@ -7,7 +7,7 @@ side configured (containerd sends its proxy plugin's name; servers built on cont
 ``contrib/snapshotservice``, stargz's among them, ignore it).
 
 What containerd's metadata layer does before a proxy is reached, this client does itself with the local
-snapshotters' own checks: labels go through ``storage.validate_labels`` (the 4096-byte limit; for ``update``,
+snapshotters' own checks: labels go through ``metadata.content.validate_labels`` (the 4096-byte limit; for ``update``,
 the labels its field paths apply) and filters through ``filters.parse_filters``, so those errors are raised at
 the call and name the key or filter. Keys are the daemon's own: a plain remote snapshotter has one key space,
 whatever the namespace (containerd prefixes keys per namespace in its metadata DB; we have no such layer in
@@ -36,10 +36,10 @@ from cargohold.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cargohold.metadata.content import validate_labels
 from cargohold.snapshots.base import Info, Kind, Mount, Usage
 from cargohold.snapshots.filters import parse_filters
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
-from cargohold.snapshots.storage import validate_labels
 
 NAMESPACE_HEADER = "containerd-namespace"
 """gRPC metadata key containerd's clients put the namespace in (containerd's namespaces.GRPCHeader)."""

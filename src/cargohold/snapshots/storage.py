@@ -35,14 +35,13 @@ from cargohold.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from cargohold.metadata.content import validate_labels
 from cargohold.metadata.db import MetadataDB, dump_labels, from_text, load_labels, to_text, utcnow
 from cargohold.snapshots.base import Info, Kind
 from cargohold.snapshots.dirs import Scratch, rmtree_quiet
 from cargohold.snapshots.filters import map_field, parse_filters
 
 log = logging.getLogger(__name__)
-
-MAX_LABEL_SIZE = 4096  # key + value bytes, as containerd's labels.Validate
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,19 +50,6 @@ class Record:
 
     id: int
     info: Info
-
-
-def validate_labels(labels: Mapping[str, str], what: str) -> dict[str, str]:
-    """Drop empty values (containerd does not store them) and enforce containerd's size limit."""
-    out: dict[str, str] = {}
-    for k, v in labels.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise InvalidArgumentError(f"{what}: invalid label {k!r}={v!r}")
-        if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
-            raise InvalidArgumentError(f"{what}: label {k!r} longer than {MAX_LABEL_SIZE} bytes")
-        if v:
-            out[k] = v
-    return out
 
 
 def _adaptor(info: Info) -> Callable[[tuple[str, ...]], tuple[str, bool]]:

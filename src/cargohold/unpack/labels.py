@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from cargohold.metadata.content import MAX_LABEL_SIZE
 from cargohold.oci.descriptor import Descriptor
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
@@ -18,8 +19,6 @@ CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 # unpacker does (snapshots.FilterInheritedLabels): e.g. stargz's containerd.io/snapshot/stargz/toc.digest.
 INHERITED_PREFIX = "containerd.io/snapshot/"
 
-# containerd refuses labels whose key + value exceed 4096 bytes.
-MAX_LABEL_SIZE = 4096
 
 
 def image_layers_label(layers: Sequence[Descriptor], key: str = CRI_IMAGE_LAYERS) -> str:
