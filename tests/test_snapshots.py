@@ -43,7 +43,7 @@ from cargohold.snapshots import (
     with_temp_mount,
 )
 from cargohold.snapshots.local import LocalSnapshotter
-from support.stargz import stargz_binary, stargz_daemon  # noqa: F401 (fixtures)
+from support.stargz import mounts_under, stargz_binary, stargz_daemon  # noqa: F401 (fixtures)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,20 +70,6 @@ LOCAL_DIRS = "inspects cargohold's local snapshot directories or opens a local s
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path``, deepest first (from /proc/self/mountinfo)."""
-    base = str(path)
-    found = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            point = line.split()[4]
-            point = point.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            point = point.replace("\\134", "\\")
-            if point == base or point.startswith(base + "/"):
-                found.append(point)
-    return sorted(found, key=len, reverse=True)
 
 
 def tree(path: Path) -> dict[str, str]:

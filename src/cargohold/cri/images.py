@@ -17,9 +17,7 @@ import base64
 import binascii
 import contextlib
 import json
-import os
 import re
-import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from cargohold.errors import CargoholdError, InvalidArgumentError
 from cargohold.oci.reference import Reference
 from cargohold.remotes.credentials import normalize_server
 from cargohold.snapshots import known_snapshotters
+from cargohold.snapshots.dirs import disk_usage
 
 RUNTIME_HANDLER_ANNOTATION = "io.kubernetes.cri.runtime-handler"
 """Sandbox annotation older kubelets used for the runtime handler of a pull (containerd still reads it)."""
@@ -151,35 +150,8 @@ class DirUsage:
 def dir_usage(path: Path) -> DirUsage:
     """Usage of the tree at ``path``, itself included (0 when it does not exist). Hardlinks count once; other
     filesystems mounted inside are not entered; entries removed while walking are skipped."""
-    seen: set[tuple[int, int]] = set()
-    used = 0
-    try:
-        top = os.lstat(path)
-    except FileNotFoundError:
-        return DirUsage(path=path, used_bytes=0, inodes=0, timestamp=time.time_ns())
-    seen.add((top.st_dev, top.st_ino))
-    used += top.st_blocks * 512
-    pending = [str(path)]
-    while pending:
-        try:
-            entries = list(os.scandir(pending.pop()))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if st.st_dev != top.st_dev:
-                continue  # a mount point inside the tree: not ours to count
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-            used += st.st_blocks * 512
-            if stat.S_ISDIR(st.st_mode):
-                pending.append(entry.path)
-    return DirUsage(path=path, used_bytes=used, inodes=len(seen), timestamp=time.time_ns())
+    usage = disk_usage(path, one_filesystem=True)
+    return DirUsage(path=path, used_bytes=usage.size, inodes=usage.inodes, timestamp=time.time_ns())
 
 
 def image_filesystems(client: Client) -> list[DirUsage]:

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -72,8 +73,12 @@ def rmtree_quiet(path: Path) -> None:
         shutil.rmtree(path, onerror=report_old)
 
 
-def disk_usage(path: Path) -> Usage:
-    """Allocated bytes and distinct inodes under ``path`` (hard links once), as containerd's DiskUsage."""
+def disk_usage(path: Path, *, one_filesystem: bool = False) -> Usage:
+    """Allocated bytes and distinct inodes under ``path`` (hard links once), as containerd's DiskUsage.
+
+    Entries removed while walking are skipped (a live tree changes under us); with ``one_filesystem``, other
+    filesystems mounted inside the tree are not entered or counted.
+    """
     seen: set[tuple[int, int]] = set()
     size = 0
     try:
@@ -84,14 +89,22 @@ def disk_usage(path: Path) -> Usage:
     size += st.st_blocks * 512
     stack = [os.fspath(path)]
     while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            try:
                 est = entry.stat(follow_symlinks=False)
-                ident = (est.st_dev, est.st_ino)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                size += est.st_blocks * 512
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
+            except FileNotFoundError:
+                continue
+            if one_filesystem and est.st_dev != st.st_dev:
+                continue
+            ident = (est.st_dev, est.st_ino)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            size += est.st_blocks * 512
+            if stat.S_ISDIR(est.st_mode):
+                stack.append(entry.path)
     return Usage(size=size, inodes=len(seen))
