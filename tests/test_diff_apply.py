@@ -637,21 +637,11 @@ BREAKOUTS: dict[str, Breakout] = {
     "dotdot": (lambda o: [f("../outside/pwned", b"x")], "../outside/pwned"),
     "dotdot-deep": (lambda o: [f("sub/../../pwned", b"x")], "sub/../../pwned"),
     "absolute": (lambda o: [f(f"{o}/pwned", b"x")], "/pwned"),
-    "symlink-parent-relative": (lambda o: [symlink("sub/esc", "../../outside"), f("sub/esc/pwned", b"x")],
-                                "sub/esc/pwned"),
-    "symlink-parent-chain": (lambda o: [symlink("up", "sub/../.."), f("up/outside/pwned", b"x")],
-                             "up/outside/pwned"),
-    "symlink-parent-absolute-dotdot": (lambda o: [symlink("abs", "/../../.."), f("abs/etc/pwned", b"x")],
-                                       "abs/etc/pwned"),
     "hardlink-dotdot": (lambda o: [hardlink("hl", "../outside/sentinel")], "'hl'"),
     "hardlink-absolute": (lambda o: [hardlink("hl", f"{o}/sentinel")], "'hl'"),
-    "hardlink-via-symlink": (lambda o: [symlink("esc", "../outside"), hardlink("hl", "esc/sentinel")], "'hl'"),
     "whiteout-dotdot": (lambda o: [f("sub/.wh..."), f("x")], "sub/.wh..."),
     "whiteout-dotdot-top": (lambda o: [f(".wh...")], ".wh..."),
     "whiteout-dot": (lambda o: [f("sub/.wh..")], "sub/.wh.."),
-    "whiteout-via-symlink": (lambda o: [symlink("esc", "../outside"), whiteout("esc/sentinel")],
-                             "esc/.wh.sentinel"),
-    "opaque-via-symlink": (lambda o: [symlink("esc", "../outside"), opaque("esc")], "esc/.wh..wh..opq"),
 }
 
 
@@ -666,6 +656,56 @@ def test_breakouts_are_refused_and_the_host_untouched(arena: dict[str, Path], ca
     assert named in str(err.value)
     assert host_state(arena) == before
     assert (arena["outside"] / "sentinel").read_bytes() == b"keep me"
+
+
+# Symlinks whose targets climb past the root (``usr/lib64/x -> ../../../../usr/lib/x`` in real images): a path
+# resolved through one is clamped at the root as in a chroot. Each case: entries, then what the root must hold
+# (relative path -> bytes, or None: absent; never through a symlink, which the host would follow).
+# ``root/outside/sentinel`` exists before (a parent layer's file).
+Clamp = tuple[list[LayerEntry], dict[str, bytes | None]]
+CLAMPS: dict[str, Clamp] = {
+    "symlink-parent-relative": ([symlink("sub/esc", "../../outside"), f("sub/esc/pwned", b"x")],
+                                {"outside/pwned": b"x"}),
+    "symlink-parent-chain": ([symlink("up", "sub/../.."), f("up/outside/pwned", b"x")],
+                             {"outside/pwned": b"x"}),
+    "symlink-parent-absolute-dotdot": ([symlink("abs", "/../../.."), f("abs/etc/pwned", b"x")],
+                                       {"etc/pwned": b"x"}),
+    "lib64-style": ([d("usr"), d("usr/lib"), d("usr/lib/x"), d("usr/lib64"),
+                     symlink("usr/lib64/x", "../../../../usr/lib/x"), f("usr/lib64/x/file", b"through")],
+                    {"usr/lib/x/file": b"through"}),
+    "hardlink-via-symlink": ([symlink("esc", "../outside"), hardlink("hl", "esc/sentinel")],
+                             {"hl": b"inner", "outside/sentinel": b"inner"}),
+    "whiteout-via-symlink": ([symlink("esc", "../outside"), whiteout("esc/sentinel")],
+                             {"outside/sentinel": None}),
+    "opaque-via-symlink": ([symlink("esc", "../outside"), opaque("esc")], {"outside/sentinel": None}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLAMPS))
+@pytest.mark.parametrize("overlay", [False, True], ids=["normal", "overlay"])
+def test_symlinks_climbing_past_the_root_are_clamped_inside_it(arena: dict[str, Path], case: str,
+                                                               overlay: bool) -> None:
+    entries, expect = CLAMPS[case]
+    root = arena["root"]
+    (root / "outside").mkdir()
+    (root / "outside/sentinel").write_bytes(b"inner")
+    before = host_state(arena)
+    layer = make_layer(entries)
+    apply(root, compress_gzip(layer), tar=layer, overlay=overlay)
+    assert host_state(arena) == before
+    assert (arena["outside"] / "sentinel").read_bytes() == b"keep me"
+    for e in entries:  # the symlinks themselves are written verbatim
+        if e.kind == "symlink":
+            assert os.readlink(root / e.path) == e.link
+    for rel, data in expect.items():
+        if data is not None:
+            assert (root / rel).read_bytes() == data
+        elif overlay and case.startswith("whiteout"):  # a whiteout device hides the parents' file instead
+            assert (root / rel).lstat().st_rdev == 0 and stat.S_ISCHR((root / rel).lstat().st_mode)
+        elif overlay:  # an opaque directory hides it
+            assert os.getxattr(root / rel.rpartition("/")[0], "trusted.overlay.opaque") == b"y"
+        else:
+            assert not (root / rel).exists()
 
 
 def test_absolute_symlink_parents_are_rooted_like_a_chroot(arena: dict[str, Path]) -> None:

@@ -6,10 +6,13 @@ Policy (stricter than containerd, which silently re-roots everything):
   whose ``..`` climbs above the root, is refused with UnsafePathError naming the entry.
 * Parent directories may be symlinks. They are followed component by component *inside* the root, as in a
   chroot: an absolute target starts again at the root (``/run`` means ``<root>/run``, never the host's), a
-  relative one from the link's directory. A target whose ``..`` would climb above the root is refused.
+  relative one from the link's directory. A target's ``..`` at the root stays at the root, as in a chroot
+  (``usr/lib64/x -> ../../../../usr/lib/x`` is common in real images): the walk is clamped, never refused and
+  never continued outside. The symlink itself is written verbatim; only paths resolved through it clamp.
 * The last component of a name is never followed: the entry replaces whatever is there.
-* A hardlink's target is a member name too: cleaned the same way (absolute or escaping: refused), its parents
-  resolved as above, its last component not followed (a link to a symlink links the symlink).
+* A hardlink's target is a member name too: cleaned the same way (absolute or escaping by name: refused), its
+  parents resolved as above (symlinks on the way clamp), its last component not followed (a link to a
+  symlink links the symlink).
 """
 
 from __future__ import annotations
@@ -102,8 +105,7 @@ class Resolver:
             if comp == "" or comp == ".":
                 continue
             if comp == "..":
-                if not cur:
-                    raise UnsafePathError(f"tar entry {entry!r}: a symlink on its path leads out of the root")
+                # Only symlink targets get here (names are cleaned first): at the root, '..' is the root.
                 cur = cur.rpartition("/")[0]
                 continue
             nxt = f"{cur}/{comp}" if cur else comp
