@@ -20,6 +20,7 @@ import shutil
 import stat
 from collections.abc import Callable
 
+from cargohold.diff import sparse
 from cargohold.diff.attrs import Owners, drop_stale_xattrs, entry_times, read_umask, set_xattrs
 from cargohold.diff.paths import Resolver, clean_name
 from cargohold.diff.tarstream import BLK, CHR, DIR, FIFO, LNK, REG, SYM, TarEntry, TarReader
@@ -214,6 +215,9 @@ class Extractor:
             raise FileExistsError(errno.EEXIST, "still exists after removal", path)
 
     def _file(self, path: str, e: TarEntry, tar: TarReader, *, queue: bool) -> None:
+        if e.sparse is not None:
+            self._sparse_file(path, e, tar)
+            return
         if e.size <= _SMALL:
             data = tar.read_small() if e.size else _EMPTY
             if queue and self._writers is not None:
@@ -230,6 +234,20 @@ class Extractor:
         try:
             for chunk in tar.chunks():
                 _write_all(fd, chunk)
+            self._fd_meta(fd, e)
+        finally:
+            os.close(fd)
+
+    def _sparse_file(self, path: str, e: TarEntry, tar: TarReader) -> None:
+        """A sparse entry: its data at the map's offsets, holes left as holes (written inline, never queued)."""
+        assert e.sparse is not None
+        try:
+            fd = os.open(path, _CREATE, e.mode & 0o777)
+        except FileExistsError:
+            self._remove(path)
+            fd = os.open(path, _CREATE, e.mode & 0o777)
+        try:
+            sparse.write(fd, e.sparse, tar.chunks(), e.name)
             self._fd_meta(fd, e)
         finally:
             os.close(fd)

@@ -2,8 +2,11 @@
 
 Reads ustar, GNU (long names ``L``/``K``) and PAX (``x``; ``g`` is ignored, as containerd does) headers from
 any ``read(n)`` source, one pass, no seeking. Names are returned exactly as stored — never cleaned — so the
-extractor can judge them. File data is handed out as memoryviews into the read buffer: a small file costs no
-copy. Sparse and multi-volume entries are refused, like containerd.
+extractor can judge them (non-UTF-8 bytes survive as surrogate escapes: ``os.fsencode`` gives them back).
+File data is handed out as memoryviews into the read buffer: a small file costs no copy. Sparse entries (GNU
+``S`` and the PAX ``GNU.sparse.*`` encodings) come with their map (``diff.sparse``), as Go's reader gives them;
+multi-volume entries are refused. Long names, long link names and PAX headers are capped at 1 MiB each, as in
+Go, so a crafted layer cannot exhaust memory.
 
 Header-only types (links, devices, dirs, FIFOs) carry no data whatever their size field says (Go's reader does
 the same; some writers put the target's size on hardlinks).
@@ -16,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from cargohold.diff import sparse
+from cargohold.diff.sparse import MAX_SPECIAL_SIZE, PAX_SPARSE_NUMBYTES, PAX_SPARSE_OFFSET, SparseMap
 from cargohold.errors import InvalidArgumentError
 
 BLOCK = 512
@@ -32,6 +37,8 @@ DIR = "5"
 FIFO = "6"
 _HEADER_ONLY = frozenset("123456")
 _SCHILY_XATTR = "SCHILY.xattr."
+_SPECIAL = {"x": "PAX header", "X": "PAX header", "g": "global PAX header", "L": "GNU long name",
+            "K": "GNU long link name"}
 
 
 class Readable(Protocol):
@@ -55,6 +62,8 @@ class TarEntry:
     devmajor: int
     devminor: int
     xattrs: dict[str, bytes] | None
+    # Sparse entries only: where the stored data goes (``size`` is then the real size of the file).
+    sparse: SparseMap | None = None
 
 
 def _nts(field: bytes) -> bytes:
@@ -102,6 +111,7 @@ def _parse_time_ns(value: str, key: str) -> int:
 def _parse_pax(data: bytes) -> dict[str, bytes]:
     """PAX records ``"<len> <key>=<value>\\n"``; values stay bytes (xattr values are binary)."""
     out: dict[str, bytes] = {}
+    sparse_map: list[bytes] | None = None
     pos = 0
     n = len(data)
     while pos < n:
@@ -118,8 +128,18 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
         key, eq, value = data[space + 1 : end - 1].partition(b"=")
         if not eq:
             raise InvalidArgumentError(f"tar PAX header: record without '=' at byte {pos}")
-        out[key.decode("utf-8", "surrogateescape")] = value
         pos = end
+        if key == PAX_SPARSE_OFFSET or key == PAX_SPARSE_NUMBYTES:
+            # Sparse format 0.0 repeats these, one pair per fragment: kept in order, as Go does.
+            if sparse_map is None:
+                sparse_map = []
+            if (key == PAX_SPARSE_OFFSET) != (len(sparse_map) % 2 == 0) or b"," in value:
+                raise InvalidArgumentError(f"tar PAX header: GNU.sparse.offset/numbytes out of order at byte {pos}")
+            sparse_map.append(value)
+            continue
+        out[key.decode("utf-8", "surrogateescape")] = value
+    if sparse_map is not None:
+        out["GNU.sparse.map"] = b",".join(sparse_map)
     return out
 
 
@@ -243,6 +263,10 @@ class TarReader:
             if size < 0:
                 raise InvalidArgumentError(f"tar header: negative size for {_nts(block[:100])!r}")
             if flag in "xXgLK":
+                if size > MAX_SPECIAL_SIZE:
+                    raise InvalidArgumentError(
+                        f"tar entry {_nts(block[:100])!r}: {_SPECIAL[flag]} of {size} bytes exceeds the "
+                        f"{MAX_SPECIAL_SIZE} byte (1 MiB) limit")
                 data = self._take(size, "an extended header")
                 self._skip(-size % BLOCK)
                 if flag == "x" or flag == "X":
@@ -282,6 +306,7 @@ class TarReader:
             devmajor = _num(block[329:337], "devmajor")
             devminor = _num(block[337:345], "devminor")
         xattrs: dict[str, bytes] | None = None
+        sparse_pax = False
         if pax:
             for key, value in pax.items():
                 if key.startswith(_SCHILY_XATTR):
@@ -303,7 +328,7 @@ class TarReader:
                 elif key == "atime":
                     atime_ns = _parse_time_ns(value.decode("ascii", "replace"), key)
                 elif key.startswith("GNU.sparse."):
-                    raise InvalidArgumentError(f"tar entry {name!r}: sparse files are not supported")
+                    sparse_pax = True
         if "\0" in name or "\0" in linkname:
             raise InvalidArgumentError(f"tar entry {name!r}: NUL byte in a name")
         if flag in _HEADER_ONLY:
@@ -315,15 +340,36 @@ class TarReader:
         elif flag == "V":  # GNU volume label: not a file
             self._left, self._pad = size, -size % BLOCK
             return None
+        elif flag == "S":
+            smap = sparse.old_gnu(name, block, size, self._take, _num)
+            return self._sparse_entry(smap, size, 0, name, mode, uid, gid, mtime_ns, atime_ns, xattrs)
         elif flag not in _HEADER_ONLY and flag != REG:
             what = {"S": "GNU sparse", "M": "multi-volume"}.get(flag, f"type {flag!r}")
             raise InvalidArgumentError(f"tar entry {name!r}: unsupported {what} entry")
         if size < 0:
             raise InvalidArgumentError(f"tar entry {name!r}: negative size")
+        if sparse_pax:
+            assert pax is not None
+            found = sparse.from_pax(name, pax, size, self._take)
+            if found is not None:
+                if flag != REG:
+                    raise InvalidArgumentError(f"tar entry {name!r}: sparse map on a non-regular entry")
+                smap, name, used = found
+                return self._sparse_entry(smap, size, used, name, mode, uid, gid, mtime_ns, atime_ns, xattrs)
         self._left, self._pad = size, -size % BLOCK
         return TarEntry(name=name, kind=flag, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns,
                         atime_ns=atime_ns, linkname=linkname, devmajor=devmajor, devminor=devminor,
                         xattrs=xattrs)
+
+
+    def _sparse_entry(self, smap: SparseMap, size: int, used: int, name: str, mode: int, uid: int, gid: int,
+                      mtime_ns: int, atime_ns: int | None, xattrs: dict[str, bytes] | None) -> TarEntry:
+        # ``size`` data bytes follow the header, ``used`` of them (a 1.0 map) already read.
+        if "\0" in name:
+            raise InvalidArgumentError(f"tar entry {name!r}: NUL byte in a name")
+        self._left, self._pad = size - used, -size % BLOCK
+        return TarEntry(name=name, kind=REG, mode=mode, uid=uid, gid=gid, size=smap.realsize, mtime_ns=mtime_ns,
+                        atime_ns=atime_ns, linkname="", devmajor=0, devminor=0, xattrs=xattrs, sparse=smap)
 
 
 def _pax_int(value: bytes, key: str) -> int:
