@@ -204,12 +204,12 @@ LONG_DIR = b"names/" + b"long-directory-name-" * 6  # > 100 bytes: needs a GNU l
 LONG_TARGET = b"../" + b"t" * 150
 
 
-def _dir(name: bytes, mode: int = 0o755, **kw: object) -> bytes:
-    return member(name.rstrip(b"/") + b"/", typeflag=b"5", mode=mode, **kw)
+def _dir(name: bytes, mode: int = 0o755, *, mtime: int = FIXED_MTIME, gnu: bool = False) -> bytes:
+    return member(name.rstrip(b"/") + b"/", typeflag=b"5", mode=mode, mtime=mtime, gnu=gnu)
 
 
-def _sym(name: bytes, target: bytes, **kw: object) -> bytes:
-    return member(name, typeflag=b"2", mode=0o777, linkname=target, **kw)
+def _sym(name: bytes, target: bytes, *, gnu: bool = False) -> bytes:
+    return member(name, typeflag=b"2", mode=0o777, linkname=target, gnu=gnu)
 
 
 def _sparse_layer() -> bytes:

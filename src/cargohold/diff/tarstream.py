@@ -264,9 +264,9 @@ class TarReader:
                 raise InvalidArgumentError(f"tar header: negative size for {_nts(block[:100])!r}")
             if flag in "xXgLK":
                 if size > MAX_SPECIAL_SIZE:
-                    raise InvalidArgumentError(
-                        f"tar entry {_nts(block[:100])!r}: {_SPECIAL[flag]} of {size} bytes exceeds the "
-                        f"{MAX_SPECIAL_SIZE} byte (1 MiB) limit")
+                    who = _nts(block[:100]).decode("utf-8", "surrogateescape")
+                    raise InvalidArgumentError(f"tar entry {who!r}: {_SPECIAL[flag]} of {size} bytes exceeds the "
+                                               f"{MAX_SPECIAL_SIZE} byte (1 MiB) limit")
                 data = self._take(size, "an extended header")
                 self._skip(-size % BLOCK)
                 if flag == "x" or flag == "X":
