@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cargohold.client import Client
 from cargohold.devtools import corners as c
+from cargohold.devtools import samples
 from cargohold.diff import ApplyResult, apply_layer, decompress_stream
 from cargohold.diff.sparse import MAX_SPECIAL_SIZE
 from cargohold.errors import InvalidArgumentError, NeedsParentsError
@@ -75,6 +77,32 @@ def test_corner_blobs_are_deterministic_and_multi_member_gzip_digests_are_right(
         assert (result.digest, result.diff_id) == (sha(blob), sha(tar))
         assert (result.size_compressed, result.size_uncompressed) == (len(blob), len(tar))
     assert c.corner_blobs()[0].count(b"\x1f\x8b\x08") >= 5  # several members, one empty at the end
+
+
+@needs_root
+def test_corner_image_through_registry_pull_mount_rootfs_export_and_multi_member_import(registry,
+                                                                                    tmp_path: Path) -> None:
+    image = c.corner_image()
+    samples.push(registry.url, "corners", "v1", image)
+    ref = f"{registry.host}/corners:v1"
+    client = Client(tmp_path / "state")
+    for snapshotter in ("native", "overlayfs"):
+        client.pull(ref, snapshotter=snapshotter)
+        mnt = tmp_path / f"mnt-{snapshotter}"
+        mnt.mkdir()
+        client.mount(ref, mnt, snapshotter=snapshotter)
+        try:
+            assert c.tree_listing(mnt) == c.corner_tree()
+        finally:
+            client.unmount(mnt)
+    assert c.tree_listing(client.rootfs(ref, tmp_path / "rootfs")) == c.corner_tree()
+    archive = io.BytesIO()
+    client.export(archive, [ref])
+    packed = c.gzip_multimember(archive.getvalue(), parts=7)  # as `cargohold export - | pigz` gives
+    other = Client(tmp_path / "other")
+    imported = other.import_archive(io.BytesIO(packed), snapshotter="native")
+    assert [(i.name, i.target.digest) for i in imported.images] == [(ref, image.digest)]
+    assert c.tree_listing(other.rootfs(ref, tmp_path / "rootfs2")) == c.corner_tree()
 
 
 def test_multi_member_gzip_with_empty_and_tiny_members(tmp_path: Path) -> None:

@@ -10,19 +10,23 @@ several concatenated gzip members (pigz / concatenated blobs).
 
 ``corner_layers()`` gives the uncompressed layer tars, ``corner_blobs()`` them compressed (some
 multi-member), ``corner_tree()`` what ``cargohold rootfs`` must produce from them (as root), and
-``tree_listing(root)`` reads a real directory in the same shape.
+``tree_listing(root)`` reads a real directory in the same shape. ``corner_image()`` is the image of those
+blobs, ready for ``samples.push``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import stat
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from cargohold.devtools.samples import FIXED_MTIME
+from cargohold.devtools.samples import FIXED_MTIME, Blob, SampleImage, build_image
+from cargohold.oci import mediatypes as mt
 
 BLOCK = 512
 # path -> (kind, permission bits, size, sha256 hex of the content for files / the target for symlinks / "")
@@ -279,6 +283,16 @@ def corner_blobs() -> list[bytes]:
     layers = corner_layers()
     one = zlib.compressobj(6, zlib.DEFLATED, 31)
     return [gzip_multimember(layers[0]), one.compress(layers[1]) + one.flush(), gzip_multimember(layers[2], 3)]
+
+
+def corner_image(platform: str = "linux/amd64") -> SampleImage:
+    """An OCI image of ``corner_blobs()`` (the multi-member gzip ones as they are)."""
+    base = build_image(corner_layers(), platform=platform)  # its config depends on the diffIDs only
+    layers = tuple(Blob(media_type=mt.OCI_LAYER_GZIP, data=blob) for blob in corner_blobs())
+    doc = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": base.config.descriptor.to_dict(),
+           "layers": [layer.descriptor.to_dict() for layer in layers]}
+    manifest = Blob(media_type=mt.OCI_MANIFEST, data=json.dumps(doc, indent=2).encode(), platform=base.platform)
+    return dataclasses.replace(base, manifest=manifest, layers=layers)
 
 
 def _file(data: bytes, mode: int = 0o644) -> Node:
