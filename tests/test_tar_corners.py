@@ -311,3 +311,18 @@ def test_paths_through_a_symlink_climbing_past_the_root_are_clamped(tmp_path: Pa
     now = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if root not in p.parents)
     assert now == outside  # nothing appeared above the root
     assert os.listdir(tmp_path / "a/usr/lib/x") == []
+
+
+def test_sparse_records_on_a_directory_are_refused_and_unknown_versions_read_plainly(tmp_path: Path) -> None:
+    records = [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"), (b"GNU.sparse.realsize", b"10")]
+    with pytest.raises(InvalidArgumentError, match=r"'sdir/': sparse map on a non-regular entry"):
+        apply(tmp_path, c.tar(c.pax(records), c._dir(b"sdir")))
+    future = [(b"GNU.sparse.major", b"2"), (b"GNU.sparse.minor", b"0"), (b"GNU.sparse.realsize", b"10")]
+    apply(tmp_path, c.tar(c.pax(future), c.member(b"plain", b"stored as is\n")))
+    assert (tmp_path / "plain").read_bytes() == b"stored as is\n"
+
+
+def test_sparse_0_0_pairs_out_of_order_are_refused(tmp_path: Path) -> None:
+    records = [(b"GNU.sparse.size", b"10"), (b"GNU.sparse.numbytes", b"1"), (b"GNU.sparse.offset", b"0")]
+    with pytest.raises(InvalidArgumentError, match="GNU.sparse.offset/numbytes out of order"):
+        apply(tmp_path, c.tar(c.pax(records), c.member(b"s", b"x")))

@@ -128,21 +128,28 @@ def _map_1x0(name: str, take: Take) -> tuple[list[int], int]:
     return [_decimal(name, t, "value") for t in tokens], len(buf)
 
 
-def from_pax(name: str, pax: dict[str, bytes], size: int, take: Take) -> tuple[SparseMap, str, int] | None:
-    """The map, the entry's real name and the bytes of data the map took (1.0), for a PAX entry with
-    ``GNU.sparse.*`` records; None when they do not describe a sparse file Go would recognise."""
+def pax_version(pax: dict[str, bytes]) -> str | None:
+    """"1.0" or "0.x" when an entry's ``GNU.sparse.*`` records describe a sparse file Go would recognise."""
     major = pax.get("GNU.sparse.major", b"")
     minor = pax.get("GNU.sparse.minor", b"")
     if major == b"1" and minor == b"0":
-        is1x0 = True
-    elif major == b"0" and minor in (b"0", b"1"):
-        is1x0 = False
-    elif major or minor:
+        return "1.0"
+    if major == b"0" and minor in (b"0", b"1"):
+        return "0.x"
+    if major or minor:
         return None  # an unknown version: Go reads such an entry as a plain file
-    elif pax.get("GNU.sparse.map"):
-        is1x0 = False  # 0.0 and 0.1 wrote no version records
-    else:
+    if pax.get("GNU.sparse.map"):
+        return "0.x"  # 0.0 and 0.1 wrote no version records
+    return None
+
+
+def from_pax(name: str, pax: dict[str, bytes], size: int, take: Take) -> tuple[SparseMap, str, int] | None:
+    """The map, the entry's real name and the bytes of data the map took (1.0), for a PAX entry with
+    ``GNU.sparse.*`` records; None when they do not describe a sparse file (see ``pax_version``)."""
+    version = pax_version(pax)
+    if version is None:
         return None
+    is1x0 = version == "1.0"
     real_name = pax.get("GNU.sparse.name")
     if real_name:
         name = real_name.decode("utf-8", "surrogateescape")

@@ -128,7 +128,6 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
         key, eq, value = data[space + 1 : end - 1].partition(b"=")
         if not eq:
             raise InvalidArgumentError(f"tar PAX header: record without '=' at byte {pos}")
-        pos = end
         if key == PAX_SPARSE_OFFSET or key == PAX_SPARSE_NUMBYTES:
             # Sparse format 0.0 repeats these, one pair per fragment: kept in order, as Go does.
             if sparse_map is None:
@@ -136,8 +135,9 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
             if (key == PAX_SPARSE_OFFSET) != (len(sparse_map) % 2 == 0) or b"," in value:
                 raise InvalidArgumentError(f"tar PAX header: GNU.sparse.offset/numbytes out of order at byte {pos}")
             sparse_map.append(value)
-            continue
-        out[key.decode("utf-8", "surrogateescape")] = value
+        else:
+            out[key.decode("utf-8", "surrogateescape")] = value
+        pos = end
     if sparse_map is not None:
         out["GNU.sparse.map"] = b",".join(sparse_map)
     return out
@@ -350,10 +350,10 @@ class TarReader:
             raise InvalidArgumentError(f"tar entry {name!r}: negative size")
         if sparse_pax:
             assert pax is not None
-            found = sparse.from_pax(name, pax, size, self._take)
-            if found is not None:
-                if flag != REG:
+            if flag != REG:
+                if sparse.pax_version(pax) is not None:
                     raise InvalidArgumentError(f"tar entry {name!r}: sparse map on a non-regular entry")
+            elif (found := sparse.from_pax(name, pax, size, self._take)) is not None:
                 smap, name, used = found
                 return self._sparse_entry(smap, size, used, name, mode, uid, gid, mtime_ns, atime_ns, xattrs)
         self._left, self._pad = size, -size % BLOCK
