@@ -326,3 +326,25 @@ def test_sparse_0_0_pairs_out_of_order_are_refused(tmp_path: Path) -> None:
     records = [(b"GNU.sparse.size", b"10"), (b"GNU.sparse.numbytes", b"1"), (b"GNU.sparse.offset", b"0")]
     with pytest.raises(InvalidArgumentError, match="GNU.sparse.offset/numbytes out of order"):
         apply(tmp_path, c.tar(c.pax(records), c.member(b"s", b"x")))
+
+
+class _Dribble:
+    """Hands out the bytes in small, irregular reads: every header, map and fragment straddles reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+        self._n = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        self._n += 1
+        step = 1 + (self._n * 7919) % 701
+        out = self._data[self._pos : self._pos + min(step, size if size >= 0 else step)]
+        self._pos += len(out)
+        return out
+
+
+def test_corner_layers_read_in_dribbles_give_the_same_tree(tmp_path: Path) -> None:
+    for tar in c.corner_layers():
+        apply_layer(tmp_path, _Dribble(tar), expected_diff_id=sha(tar), write_threads=0)
+    assert c.tree_listing(tmp_path) == c.corner_tree()
