@@ -17,6 +17,8 @@ import pytest
 from cargohold.client import Client
 from cargohold.devtools import corners as c
 from cargohold.devtools import samples
+from cargohold.devtools.registry import RegistryProcess
+from cargohold.devtools.samples import FIXED_MTIME
 from cargohold.diff import ApplyResult, apply_layer, decompress_stream
 from cargohold.diff.sparse import MAX_SPECIAL_SIZE
 from cargohold.errors import InvalidArgumentError, NeedsParentsError
@@ -80,7 +82,7 @@ def test_corner_blobs_are_deterministic_and_multi_member_gzip_digests_are_right(
 
 
 @needs_root
-def test_corner_image_through_registry_pull_mount_rootfs_export_and_multi_member_import(registry,
+def test_corner_image_through_registry_pull_mount_rootfs_export_and_multi_member_import(registry: RegistryProcess,
                                                                                     tmp_path: Path) -> None:
     image = c.corner_image()
     samples.push(registry.url, "corners", "v1", image)
@@ -289,10 +291,10 @@ def test_entries_repeated_in_one_layer_last_wins(tmp_path: Path, mode: str) -> N
 def test_a_directory_entry_after_its_children_keeps_them_and_applies_its_metadata(tmp_path: Path,
                                                                                   mode: str) -> None:
     layer = c.tar(c.member(b"late/a", b"a\n"), c.member(b"late/sub/b", b"b\n"),
-                  c._dir(b"late", mode=0o711, mtime=c.FIXED_MTIME - 5))
+                  c._dir(b"late", mode=0o711, mtime=FIXED_MTIME - 5))
     apply(tmp_path, layer, mode=mode)
     assert c.tree_listing(tmp_path) == expected("late")
-    assert os.stat(tmp_path / "late").st_mtime_ns == (c.FIXED_MTIME - 5) * 1_000_000_000
+    assert os.stat(tmp_path / "late").st_mtime_ns == (FIXED_MTIME - 5) * 1_000_000_000
 
 
 def test_a_directory_after_its_children_needs_the_parents_when_isolated(tmp_path: Path) -> None:
