@@ -82,8 +82,8 @@ def test_corner_blobs_are_deterministic_and_multi_member_gzip_digests_are_right(
 
 
 @needs_root
-def test_corner_image_through_registry_pull_mount_rootfs_export_and_multi_member_import(registry: RegistryProcess,
-                                                                                    tmp_path: Path) -> None:
+def test_corner_image_through_registry_pull_mount_rootfs_export_and_multi_member_import(
+        registry: RegistryProcess, tmp_path: Path) -> None:
     image = c.corner_image()
     samples.push(registry.url, "corners", "v1", image)
     ref = f"{registry.host}/corners:v1"
