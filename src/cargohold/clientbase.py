@@ -357,7 +357,7 @@ class ClientBase:
         """Whether the image's top layer snapshot exists in the snapshotter."""
         try:
             resolved = self.resolve_manifest(name, platform)
-        except NotFoundError:
+        except (NotFoundError, UnsupportedMediaTypeError):  # an artifact is never unpacked
             return False
         if not resolved.chain_ids:
             return False
