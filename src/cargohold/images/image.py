@@ -79,14 +79,21 @@ def resolve_manifest(provider: Provider, target: Descriptor, matcher: PlatformMa
     """Read the platform's manifest and config. Configs of ``application/octet-stream`` parse as any other.
 
     An artifact (a manifest whose config is no image config) is an UnsupportedMediaTypeError saying it is
-    not a runnable image, naming ``name`` (the image or reference) or else the manifest's digest.
+    not a runnable image, naming ``name`` (the image or reference) or else the manifest's digest; so is an
+    image with a layer of an unknown media type, naming the layer.
     """
     desc = manifest_for(provider, target, matcher)
     doc = read_manifest_or_index(provider, desc)
     if not isinstance(doc, Manifest):
         raise InvalidArgumentError(f"{desc.describe()}: expected a manifest, found an index")
+    what = name or f"manifest {desc.digest}"
     if not is_image(doc):
-        raise UnsupportedMediaTypeError(not_runnable_message(name or f"manifest {desc.digest}", doc))
+        raise UnsupportedMediaTypeError(not_runnable_message(what, doc))
+    for layer in doc.layers:
+        # children() passes unknown media types as opaque blobs (they can be fetched and copied); an image
+        # cannot be unpacked with one.
+        if not mt.is_layer(layer.media_type):
+            raise UnsupportedMediaTypeError(f"{what}: layer {layer.describe()}: unsupported layer media type")
     config = read_config(provider, doc.config)
     if len(config.diff_ids) != len(doc.layers):
         raise InvalidArgumentError(
