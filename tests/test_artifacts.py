@@ -27,9 +27,15 @@ from cargohold.devtools.artifacts import (
 from cargohold.devtools.registry import RegistryProcess
 from cargohold.errors import InvalidArgumentError, UnsupportedMediaTypeError
 from cargohold.oci import mediatypes as mt
-from cargohold.oci.artifact import EMPTY_JSON_DIGEST, artifact_type, is_image, referrers_tag
+from cargohold.oci.artifact import (
+    EMPTY_JSON_DIGEST,
+    artifact_type,
+    is_image,
+    referrer_descriptor,
+    referrers_tag,
+)
 from cargohold.oci.descriptor import Descriptor
-from cargohold.oci.manifest import Manifest
+from cargohold.oci.manifest import Index, Manifest
 from cargohold.remotes.referrers import (
     ReferrersPage,
     collect_pages,
@@ -100,6 +106,20 @@ def test_artifact_model_and_builder_are_deterministic() -> None:
     assert is_image(Manifest.parse(img.manifest.data))
     assert referrers_tag(img.digest) == f"sha256-{img.digest.hex}"
 
+    # Entries of the referrers index: a manifest's type falls back to its config's; an index has its own or none.
+    sbom_desc = sbom.manifest.descriptor
+    assert referrer_descriptor(sbom_desc, parsed).to_dict() == {
+        "mediaType": mt.OCI_MANIFEST, "digest": str(sbom.digest), "size": len(sbom.manifest.data),
+        "artifactType": SPDX, "annotations": {"org.opencontainers.image.created": "2024-01-01T00:00:00Z",
+                                              "org.example.kind": "sbom"}}
+    assert referrer_descriptor(sbom_desc, legacy).artifact_type == LEGACY_CONFIG
+    for extra, kind in (({"artifactType": "application/x.bundle"}, "application/x.bundle"), ({}, "")):
+        raw = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [sbom_desc.to_dict()],
+                          "subject": subject.to_dict(), **extra}).encode()
+        index = Index.parse(raw)
+        got = referrer_descriptor(Descriptor(media_type=mt.OCI_INDEX, digest=index.digest, size=len(raw)), index)
+        assert got.artifact_type == kind and "artifactType" not in got.to_dict() if not kind else True
+
 
 # -- push, the fallback tag, `cargohold referrers` --------------------------------------------------------------
 
@@ -154,6 +174,21 @@ def test_push_keeps_the_referrers_tag_and_referrers_lists_it(
     assert Client(tmp_path / "api").referrers(f"{reg.host}/staging:sbom") == []
     missing = cli(root, "referrers", f"{reg.host}/app:nope", check=False)
     assert missing.returncode == 1 and "app:nope" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_referrers_tag_that_is_not_an_index_fails_the_push_clearly(
+        seeded: tuple[RegistryProcess, samples.SampleImage, dict[str, SampleArtifact]], tmp_path: Path) -> None:
+    reg, img, arts = seeded
+    tag = f"sha256-{img.digest.hex}"
+    samples.push(reg.url, "app", tag, img)  # someone put an image where the referrers index belongs
+    client = Client(tmp_path / "root")
+    client.pull(f"{reg.host}/staging:sbom", unpack=False)
+    with pytest.raises(UnsupportedMediaTypeError, match=f"referrers tag {reg.host}/app:{tag}"):
+        client.push(f"{reg.host}/app:sbom", f"{reg.host}/staging:sbom")
+    assert get_manifest(reg, "app", tag)[2] == img.manifest.data  # left as it was
+    with pytest.raises(UnsupportedMediaTypeError, match=f"referrers tag {reg.host}/app:{tag}"):
+        client.referrers(f"{reg.host}/app:v1")
+    client.close()
 
 
 # -- pull, unpack refusal ------------------------------------------------------------------------------------

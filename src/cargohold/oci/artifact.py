@@ -40,8 +40,15 @@ def not_runnable_message(what: str, manifest: Manifest) -> str:
 
 def referrer_descriptor(desc: Descriptor, manifest: Manifest | Index) -> Descriptor:
     """The entry of ``manifest`` (at ``desc``) in its subject's referrers index: media type, digest, size,
-    artifact type and the manifest's annotations (distribution spec 1.1, "Listing Referrers")."""
-    kind = artifact_type(manifest) if isinstance(manifest, Manifest) else ""
+    artifact type (a manifest's ``artifactType``, else its config media type; an index's ``artifactType`` or
+    none) and the manifest's annotations (distribution spec 1.1, "Listing Referrers")."""
+    if isinstance(manifest, Manifest):
+        kind = artifact_type(manifest)
+    else:
+        # An index's own artifactType, when it has one (Index does not keep it: read the bytes); none else.
+        doc = json.loads(manifest.raw) if manifest.raw else {}
+        declared = doc.get("artifactType") if isinstance(doc, dict) else None
+        kind = declared if isinstance(declared, str) else ""
     return Descriptor(media_type=desc.media_type, digest=desc.digest, size=desc.size,
                       artifact_type=kind, annotations=dict(manifest.annotations))
 

@@ -163,7 +163,9 @@ def _list_on(resolver: Resolver, host: RegistryHost, ref: Reference, digest: Dig
 def _from_tag(get: Callable[[str, str], Response], host: RegistryHost, repo: str, digest: Digest,
               artifact_type: str | None, what: str) -> list[Descriptor]:
     tag = referrers_tag(digest)
-    resp = get(host.url(f"{repo}/manifests/{tag}"), mt.OCI_INDEX)
+    # Accept every manifest type: registries answer 404 to a GET whose Accept excludes what the tag holds,
+    # and a tag holding something else must be an error, not "no referrers".
+    resp = get(host.url(f"{repo}/manifests/{tag}"), mt.MANIFEST_ACCEPT)
     if resp.status == 404:
         return []
     if resp.status != 200:
@@ -201,7 +203,8 @@ def add_to_fallback_tag(pusher: Pusher, desc: Descriptor, doc: Manifest | Index,
     tag = referrers_tag(subject.digest)
     entry = referrer_descriptor(desc, doc)
     with _tag_lock(pusher, tag):
-        found = pusher.get_manifest(tag, mt.OCI_INDEX)
+        # Every manifest type accepted (see _from_tag): a tag holding no OCI index fails here, before the PUT.
+        found = pusher.get_manifest(tag)
         entries: list[Descriptor] = []
         if found is not None:
             _, raw = found
