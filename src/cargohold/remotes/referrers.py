@@ -113,19 +113,26 @@ def collect_pages(first_url: str, get_page: Callable[[str], ReferrersPage]) -> l
 def list_referrers(resolver: Resolver, ref: Reference, digest: Digest, *, artifact_type: str | None = None
                    ) -> list[Descriptor]:
     """The referrers of ``digest`` in ``ref``'s repository (of ``artifact_type`` when given): from the
-    referrers API, else from the fallback tag (no tag: none). Pull-capable hosts are asked in order; the
-    last error is raised when none answers."""
+    referrers API, else from the fallback tag (no tag: none). Pull-capable hosts are asked in order, and the
+    first that lists any wins: a mirror that lacks the fallback tag cannot tell "none" from "not mirrored".
+    An empty list when every host answered so; else the last error when none answered."""
     hosts = [h for h in resolver.hosts(ref.domain) if h.can("pull")]
     if not hosts:
         raise FailedPreconditionError(f"{ref}: no host for {ref.domain} has the pull capability")
     last: CargoholdError | None = None
+    answered = False
     for host in hosts:
         try:
-            return _list_on(resolver, host, ref, digest, artifact_type)
+            found = _list_on(resolver, host, ref, digest, artifact_type)
         except CargoholdError as exc:
             log.info("referrers of %s on %s failed: %s", digest, host.describe(), exc)
             last = exc
-    assert last is not None
+            continue
+        if found:
+            return found
+        answered = True
+    if answered or last is None:
+        return []
     raise last
 
 
