@@ -155,10 +155,12 @@ def _list_on(resolver: Resolver, host: RegistryHost, ref: Reference, digest: Dig
         return _from_tag(get, host, repo, digest, artifact_type, what)
     if resp.status != 200:
         raise registry_error(host.host, resp.status, resp.data, what=f"referrers of {what}", repository=repo)
-    answers = {first: resp}
+    answers = {first: resp}  # the first page is in hand already
 
     def page(url: str) -> ReferrersPage:
-        answer = answers.pop(url, None) or get(url, mt.OCI_INDEX)
+        answer = answers.pop(url, None)
+        if answer is None:
+            answer = get(url, mt.OCI_INDEX)
         if answer.status != 200:
             raise registry_error(host.host, answer.status, answer.data, what=f"referrers of {what}",
                                  repository=repo)
