@@ -324,6 +324,10 @@ def test_referrers_api_link_filters_and_pagination() -> None:
 
     with pytest.raises(InvalidArgumentError, match="pagination does not end"):
         collect_pages(base, loop)
+    # A Link to another host is not followed (the request would carry this registry's credentials).
+    elsewhere = {base: (referrers_page(sbom), {"Link": '<http://127.0.0.1:5001/v2/app/referrers/p2>; rel="next"'})}
+    with pytest.raises(InvalidArgumentError, match="is on another host"):
+        collect_pages(base, lambda url: parse_page(elsewhere[url][0], elsewhere[url][1], url, None))
     # A referrers answer must be an OCI index.
     docker_list = json.dumps({"schemaVersion": 2, "mediaType": mt.DOCKER_MANIFEST_LIST, "manifests": []}).encode()
     with pytest.raises(InvalidArgumentError, match="not an OCI index"):

@@ -16,7 +16,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from cargohold.errors import CargoholdError, FailedPreconditionError, InvalidArgumentError
 from cargohold.oci import mediatypes as mt
@@ -92,13 +92,17 @@ def parse_page(raw: bytes, headers: Mapping[str, str], url: str, artifact_type: 
 
 
 def collect_pages(first_url: str, get_page: Callable[[str], ReferrersPage]) -> list[Descriptor]:
-    """Follow ``next_url`` from ``first_url`` until the last page; entries in order, each digest once."""
+    """Follow ``next_url`` from ``first_url`` until the last page; entries in order, each digest once.
+    Pages stay on the first page's scheme and host: credentials are never sent where a ``Link`` points."""
     out: dict[Digest, Descriptor] = {}
     url = first_url
+    origin = urlsplit(first_url)[:2]
     visited: set[str] = set()
     while url:
         if url in visited or len(visited) >= MAX_PAGES:
             raise InvalidArgumentError(f"referrers {first_url}: pagination does not end (at {url})")
+        if urlsplit(url)[:2] != origin:
+            raise InvalidArgumentError(f"referrers {first_url}: next page {url} is on another host")
         visited.add(url)
         page = get_page(url)
         for desc in page.entries:
