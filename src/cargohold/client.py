@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from cargohold.clientbase import ClientBase, PullResult, default_root
 from cargohold.clientops.copy import CopyOps
+from cargohold.clientops.referrers import ReferrersOps
 from cargohold.clientops.runtime import RuntimeOps
 from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
 
 
-class Client(CopyOps, RuntimeOps):
+class Client(CopyOps, RuntimeOps, ReferrersOps):
     """Everything cargohold does, on one data root and namespace (see ``ClientBase`` for the core)."""
 
 

@@ -24,6 +24,7 @@ from cargohold.errors import (
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
+    UnsupportedMediaTypeError,
 )
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.handlers import (
@@ -33,6 +34,7 @@ from cargohold.images.handlers import (
     dispatch,
     filter_platforms,
     limit_manifests,
+    read_manifest_or_index,
     set_children_labels,
 )
 from cargohold.images.image import (
@@ -47,7 +49,9 @@ from cargohold.metadata.gc import GCResult, collect
 from cargohold.metadata.images import Image, ImageStore
 from cargohold.metadata.leases import LeaseStore, snapshot_kind
 from cargohold.oci import mediatypes as mt
+from cargohold.oci.artifact import is_image, not_runnable_message
 from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.manifest import Manifest
 from cargohold.oci.platform import Platform, PlatformMatcher, default_matcher
 from cargohold.oci.reference import Reference
 from cargohold.remotes.credentials import CredentialStore
@@ -195,7 +199,7 @@ class ClientBase:
             if not all_platforms:
                 walk = limit_manifests(filter_platforms(walk, matcher), matcher, 1)
             if unpack:
-                walk = _defer_layers(walk, deferred, record)
+                walk = _defer_layers(_refuse_artifact(walk, store, target, str(reference)), deferred, record)
             dispatch(compose(fetch, walk), [target], concurrency=self.max_concurrent_downloads)
 
             unpack_result: UnpackResult | None = None
@@ -204,7 +208,7 @@ class ClientBase:
                 rest = [layer for m, layers in deferred.items() if m.digest != chosen.digest for layer in layers]
                 if rest:  # other platforms' layers (--all-platforms): fetched, not unpacked
                     dispatch(fetch, rest, concurrency=self.max_concurrent_downloads)
-                resolved = resolve_manifest(store, chosen, matcher)
+                resolved = resolve_manifest(store, chosen, matcher, name=str(reference))
                 leases = LeaseStore(self.db, self.namespace)
                 kind = snapshot_kind(self.snapshotter(snapshotter).name)
                 unpacker = self._unpacker(snapshotter, fetch_one, store)
@@ -319,7 +323,7 @@ class ClientBase:
         """
         image = self.image(name)
         matcher = _matcher([platform] if platform else [])
-        resolved = resolve_manifest(self.content, image.target, matcher)
+        resolved = resolve_manifest(self.content, image.target, matcher, name=image.name)
         fetch: FetchFn | None = None
         if fetch_missing:
             fetch = self._registry_fetch_fn(image.name)
@@ -353,7 +357,7 @@ class ClientBase:
         """Whether the image's top layer snapshot exists in the snapshotter."""
         try:
             resolved = self.resolve_manifest(name, platform)
-        except NotFoundError:
+        except (NotFoundError, UnsupportedMediaTypeError):  # an artifact is never unpacked
             return False
         if not resolved.chain_ids:
             return False
@@ -439,7 +443,8 @@ class ClientBase:
 
     def resolve_manifest(self, name: str, platform: Platform | str | None = None) -> ResolvedManifest:
         image = self.image(name)
-        return resolve_manifest(self.content, image.target, _matcher([platform] if platform else []))
+        return resolve_manifest(self.content, image.target, _matcher([platform] if platform else []),
+                                name=image.name)
 
     def check(self, name: str, *, platforms: Sequence[Platform | str] = (), all_platforms: bool = False
               ) -> CheckResult:
@@ -518,6 +523,20 @@ def _defer_layers(handler: Handler, deferred: dict[Descriptor, list[Descriptor]]
         with lock:
             deferred[desc] = layers
         return [k for k in kids if not mt.is_layer(k.media_type)]
+
+    return handle
+
+
+def _refuse_artifact(handler: Handler, store: NamespacedStore, target: Descriptor, name: str) -> Handler:
+    """Before walking below the target manifest, refuse an artifact: a pull that unpacks fetches nothing more
+    of it and records no image (``resolve_manifest`` says the same for an artifact chosen from an index)."""
+
+    def handle(desc: Descriptor) -> Sequence[Descriptor]:
+        if desc.digest == target.digest and mt.is_manifest(desc.media_type):
+            doc = read_manifest_or_index(store, desc)
+            if isinstance(doc, Manifest) and not is_image(doc):
+                raise UnsupportedMediaTypeError(not_runnable_message(name, doc))
+        return handler(desc)
 
     return handle
 

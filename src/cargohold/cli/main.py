@@ -62,7 +62,12 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
 @pass_state
 def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool, user: str | None,
          max_concurrent_downloads: int | None, no_unpack: bool, snapshotter: str | None, output: str) -> None:
-    """Fetch an image and its blobs for the platform(s), and unpack it into a snapshotter."""
+    """Fetch an image and its blobs for the platform(s), and unpack it into a snapshotter.
+
+    An OCI artifact (an SBOM, a signature: a manifest whose config is no image config) is not a runnable
+    image: pull refuses to unpack it with exit status 2 (as for other unsupported media types), before
+    fetching its blobs and recording anything; `pull --no-unpack` fetches it.
+    """
     with ProgressRenderer(quiet=output == "json") as progress:
         client = state.client(user=user, on_event=progress, max_concurrent_downloads=max_concurrent_downloads)
         result = client.pull(ref, platforms=platforms, all_platforms=all_platforms, unpack=not no_unpack,
@@ -484,9 +489,9 @@ def gc(state: State, dry_run: bool, output: str) -> None:
 
 def _register() -> None:
     """Commands that live in their own modules (archives, push, CRI)."""
-    from cargohold.cli import archive, push, runtime
+    from cargohold.cli import archive, push, referrers, runtime
 
-    for module in (archive, push, runtime):
+    for module in (archive, push, referrers, runtime):
         module.register(cli)
 
 

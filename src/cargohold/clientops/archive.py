@@ -27,14 +27,16 @@ from cargohold.images.archive import (
 )
 from cargohold.images.archive_export import atomic_output, write_archive
 from cargohold.images.archive_import import load_archive, put_blob
-from cargohold.images.handlers import children, set_children_labels
+from cargohold.images.handlers import children, read_manifest_or_index, set_children_labels
 from cargohold.images.image import manifest_for, resolve_manifest
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.images import Image
 from cargohold.metadata.leases import LeaseStore, snapshot_kind
 from cargohold.oci import mediatypes as mt
+from cargohold.oci.artifact import artifact_type, is_image
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
+from cargohold.oci.manifest import Manifest
 from cargohold.oci.platform import Platform, PlatformMatcher
 from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
 from cargohold.unpack.unpacker import FetchFn, UnpackResult
@@ -246,6 +248,12 @@ class ArchiveOps(ClientBase):
             if chosen.digest in done:
                 continue
             done.add(chosen.digest)
+            doc = read_manifest_or_index(store, chosen)
+            if isinstance(doc, Manifest) and not is_image(doc):
+                # Artifacts (SBOMs, signatures) travel in archives beside images; they have nothing to unpack.
+                self.on_event(Event(action="apply", status="skipped", item=str(chosen.digest),
+                                    message=f"an artifact of type {artifact_type(doc)}: not unpacked"))
+                continue
             resolved = resolve_manifest(store, chosen, matcher)
             if not resolved.manifest.layers:
                 continue

@@ -52,7 +52,7 @@ def children(provider: Provider) -> Handler:
             )
         if mt.is_config(desc.media_type) or mt.is_layer(desc.media_type):
             return []
-        raise UnsupportedMediaTypeError(f"unsupported media type {desc.media_type!r} of descriptor {desc.digest}")
+        return []
 
     return handle
 

@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cargohold.content.store import Provider
-from cargohold.errors import InvalidArgumentError, NotFoundError
+from cargohold.errors import InvalidArgumentError, NotFoundError, UnsupportedMediaTypeError
 from cargohold.images.handlers import read_manifest_or_index
 from cargohold.oci import mediatypes as mt
+from cargohold.oci.artifact import is_image, not_runnable_message
 from cargohold.oci.config import ImageConfig, chain_ids
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
@@ -73,12 +74,26 @@ def _best_in_index(provider: Provider, index: Index, matcher: PlatformMatcher, w
     return candidates[0][2]
 
 
-def resolve_manifest(provider: Provider, target: Descriptor, matcher: PlatformMatcher) -> ResolvedManifest:
-    """Read the platform's manifest and config. Configs of ``application/octet-stream`` parse as any other."""
+def resolve_manifest(provider: Provider, target: Descriptor, matcher: PlatformMatcher, *, name: str = ""
+                     ) -> ResolvedManifest:
+    """Read the platform's manifest and config. Configs of ``application/octet-stream`` parse as any other.
+
+    An artifact (a manifest whose config is no image config) is an UnsupportedMediaTypeError saying it is
+    not a runnable image, naming ``name`` (the image or reference) or else the manifest's digest; so is an
+    image with a layer of an unknown media type, naming the layer.
+    """
     desc = manifest_for(provider, target, matcher)
     doc = read_manifest_or_index(provider, desc)
     if not isinstance(doc, Manifest):
         raise InvalidArgumentError(f"{desc.describe()}: expected a manifest, found an index")
+    what = name or f"manifest {desc.digest}"
+    if not is_image(doc):
+        raise UnsupportedMediaTypeError(not_runnable_message(what, doc))
+    for layer in doc.layers:
+        # children() passes unknown media types as opaque blobs (they can be fetched and copied); an image
+        # cannot be unpacked with one.
+        if not mt.is_layer(layer.media_type):
+            raise UnsupportedMediaTypeError(f"{what}: layer {layer.describe()}: unsupported layer media type")
     config = read_config(provider, doc.config)
     if len(config.diff_ids) != len(doc.layers):
         raise InvalidArgumentError(

@@ -357,8 +357,12 @@ class Pusher:
 
     # -- manifests -------------------------------------------------------------------------------------------
 
-    def push_manifest(self, desc: Descriptor, raw: bytes, *, tag: str = "") -> None:
-        """PUT a manifest or index (``Content-Type`` its media type) under ``tag``, else under its digest."""
+    def push_manifest(self, desc: Descriptor, raw: bytes, *, tag: str = "") -> str:
+        """PUT a manifest or index (``Content-Type`` its media type) under ``tag``, else under its digest.
+
+        Returns the registry's ``OCI-Subject`` answer ("" without one): a registry that names the subject
+        there lists the manifest among its referrers itself (distribution spec 1.1).
+        """
         actual = Digest.from_bytes(raw, desc.digest.algorithm)
         what = f"{self.name}:{tag}" if tag else self._what(desc)
         if actual != desc.digest:
@@ -368,6 +372,17 @@ class Pusher:
         if resp.status not in (200, 201):
             raise self._error(resp, what)
         self._check_digest(resp, desc, what)
+        return (resp.headers.get("OCI-Subject") or "").strip()
+
+    def get_manifest(self, reference: str, accept: str = mt.MANIFEST_ACCEPT) -> tuple[str, bytes] | None:
+        """GET ``/manifests/<reference>`` (a tag or digest): its Content-Type and bytes, None on 404."""
+        resp = self._send("GET", self._url(f"manifests/{reference}"), headers={"Accept": accept})
+        if resp.status == 404:
+            return None
+        if resp.status != 200:
+            raise self._error(resp, f"{self.name}:{reference}")
+        content_type = (resp.headers.get("Content-Type") or "").split(";", 1)[0].strip()
+        return content_type, bytes(resp.data)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from cargohold.remotes.push import (
     Upload,
     is_manifest_like,
 )
+from cargohold.remotes.referrers import after_manifest_push
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,11 @@ def push_image(
             note("existing", desc)
             return
         event("running", desc)
-        pusher.push_manifest(desc, source.read_all(desc.digest), tag=where)
+        raw = source.read_all(desc.digest)
+        oci_subject = pusher.push_manifest(desc, raw, tag=where)
+        # A manifest with a subject must be listed among the subject's referrers: by the registry when it
+        # says so (OCI-Subject), else in the referrers tag schema's fallback tag.
+        after_manifest_push(pusher, desc, raw, oci_subject)
         event("done", desc, desc.size, f"{pusher.name}:{where}" if where else "")
         note("pushed", desc)
 
