@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from cargohold.content.local import LocalStore
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.content.store import LABEL_GC_ROOT
 from cargohold.diff.apply import apply_layer
+from cargohold.diff.removal import remove_tree
 from cargohold.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -60,7 +62,7 @@ from cargohold.snapshots import (
     open_snapshotter,
 )
 from cargohold.snapshots.base import Kind, Mount, Snapshotter
-from cargohold.snapshots.mount import mount_all, unmount
+from cargohold.snapshots.mount import mount_all, mounts_at_or_below, unmount
 from cargohold.unpack.labels import cri_layer_labels
 from cargohold.unpack.unpacker import FetchFn, LayerLabelsFn, Unpacker, UnpackResult
 
@@ -383,6 +385,22 @@ class ClientBase:
             self.on_event(Event(action="apply", status="done", item=str(layer.digest),
                                 media_type=layer.media_type, current=layer.size, total=layer.size))
         return dest
+
+    def remove_rootfs(self, target: Path | str) -> None:
+        """Remove a directory tree written by ``rootfs``, read-only directories included (an ordinary user's
+        ``rm -rf`` cannot), never following symlinks. Refuses a path that is not a directory and a tree with
+        anything mounted at or below it."""
+        path = os.path.abspath(target)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise NotFoundError(f"{path}: no such directory") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgumentError(f"{path}: not a directory")
+        mounted = mounts_at_or_below(path)
+        if mounted:
+            raise FailedPreconditionError(f"{path}: {mounted[-1]} is mounted there; unmount it first")
+        remove_tree(path, one_filesystem=True)
 
     def mount(self, name: str, target: Path | str, *, snapshotter: str | None = None,
               platform: Platform | str | None = None, writable: bool = False) -> list[Mount]:

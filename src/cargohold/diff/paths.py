@@ -58,8 +58,11 @@ class Resolver:
 
     def __init__(self, root: str, *, on_non_dir: Callable[[str], bool] | None = None,
                  before_lookup: Callable[[str], object] | None = None,
-                 on_implicit_dir: Callable[[str, str], object] | None = None) -> None:
+                 on_implicit_dir: Callable[[str, str], object] | None = None,
+                 on_denied: Callable[[str], bool] | None = None) -> None:
         self.root = root
+        # Called (real path) when making a directory inside it was denied: True when it may be retried.
+        self._on_denied = on_denied
         # Called (real path, entry) before a missing directory is made: a chance to refuse guessing it.
         self._on_implicit_dir = on_implicit_dir
         self._dirs: dict[str, str] = {"": ""}
@@ -117,7 +120,12 @@ class Resolver:
                     return None
                 if self._on_implicit_dir is not None:
                     self._on_implicit_dir(nxt, entry)
-                os.mkdir(path, 0o755)
+                try:
+                    os.mkdir(path, 0o755)
+                except PermissionError:
+                    if self._on_denied is None or not self._on_denied(cur):
+                        raise
+                    os.mkdir(path, 0o755)
                 os.chmod(path, 0o755)  # whatever the umask
                 cur = nxt
                 continue
