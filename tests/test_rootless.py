@@ -49,6 +49,7 @@ _file("usr/bin/new", b"#!/bin/true new\n", 0o755)
 _file("usr/bin/sudo", b"#!/bin/true sudo\n", 0o4111)
 _file("etc/pki/key", b"not a key\n", 0o400)
 _file("etc/motd", b"read-only\n", 0o444)
+_file("etc/shadow", b"root:*::0:::::\n", 0o000)
 _file("home/user/notes", b"mine\n", 0o600)
 _file("opt/ro/conf", b"version 2, longer\n", 0o444)
 
@@ -174,11 +175,11 @@ def test_pull_rootfs_mount_gc_as_ordinary_user(registry: RegistryProcess, world_
     snaps = json.loads(ok(as_user(code, home, "snapshots", "--snapshotter", "native", "ls",
                                   "--output", "json")).stdout)
     assert [(s["key"], s["parent"], s["kind"]) for s in snaps] == sorted(
-        [(chain[0], None, "committed"), (chain[1], chain[0], "committed")])
+        [(chain[0], "", "Committed"), (chain[1], chain[0], "Committed")])
     # The default snapshotter is native: the overlay probe said no, quietly.
     default_ls = as_user(code, home, "snapshots", "ls", "--output", "json")
     assert json.loads(ok(default_ls).stdout) == snaps and default_ls.stderr == ""
-    snap_dirs = [p for p in (root / "snapshots" / "native").iterdir() if p.name.isdigit()]
+    snap_dirs = [p for p in (root / "snapshots" / "native" / "snapshots").iterdir() if p.name.isdigit()]
     assert len(snap_dirs) == 2
     top = next(d / "fs" for d in snap_dirs if (d / "fs" / "usr" / "bin" / "new").exists())
     assert listing(top) == EXPECTED
@@ -204,7 +205,7 @@ def test_pull_rootfs_mount_gc_as_ordinary_user(registry: RegistryProcess, world_
     ok(as_user(code, home, "images", "rm", ref))
     ok(as_user(code, home, "gc"))
     assert ok(as_user(code, home, "snapshots", "ls", "--output", "json")).stdout.strip() == "[]"
-    assert [p.name for p in (root / "snapshots" / "native").iterdir()] == []
+    assert [p.name for p in (root / "snapshots" / "native" / "snapshots").iterdir()] == []
 
     not_dir = home / "afile"
     not_dir.write_text("x")

@@ -1,7 +1,7 @@
 """A deterministic two-layer image shaped like RHEL/UBI/Fedora ones where unpacking as a non-root user is hard.
 
-Layer 1 makes read-only directories (``usr/bin`` 0555 with files, ``etc/pki`` 0500 with a file, ``opt/ro``
-0555), character devices, files owned by 1000:1000, a 0444 file and a ``security.*`` xattr. Layer 2 writes
+Layer 1 makes read-only directories (``usr/bin`` 0555 with files and a 4111 ``sudo``, ``etc/pki`` 0500 with a file, ``opt/ro``
+0555), character devices, files owned by 1000:1000, a 0444 file, a 0000 ``etc/shadow`` and a ``security.*`` xattr. Layer 2 writes
 into those read-only directories of its parent: a new file in ``usr/bin``, a whiteout of ``usr/bin/old``, and a
 new version of ``opt/ro/conf`` (with ``opt/ro`` repeated as a 0555 directory entry first, as real layers do).
 """
@@ -24,6 +24,7 @@ def rootless_layers() -> tuple[bytes, bytes]:
         Entry(path="etc/pki/key", data=b"not a key\n", mode=0o400),
         Entry(path="etc/motd", data=b"read-only\n", mode=0o444,
               xattrs={"security.cargohold-test": b"x"}),
+        Entry(path="etc/shadow", data=b"root:*::0:::::\n", mode=0o000),
         Entry(path="dev", kind="dir", mode=0o755),
         Entry(path="dev/null", kind="char", mode=0o666, devmajor=1, devminor=3),
         Entry(path="dev/zero", kind="char", mode=0o666, devmajor=1, devminor=5),
