@@ -4,6 +4,8 @@ home. Images with read-only directories, devices, foreign owners and security.* 
 
 from __future__ import annotations
 
+# Imported now: a forked child that dropped to nobody cannot read this interpreter's library (/root is 0700).
+import encodings.ascii  # noqa: F401
 import hashlib
 import io
 import json
@@ -13,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import traceback
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -21,8 +24,9 @@ import pytest
 
 from cargohold.devtools.registry import RegistryProcess
 from cargohold.devtools.rhel_like import rootless_layers, rootless_sample
-from cargohold.devtools.samples import push
+from cargohold.devtools.samples import Entry, push, tar_layer
 from cargohold.diff.apply import apply_layer
+from cargohold.diff.removal import remove_tree
 from cargohold.oci.config import chain_ids
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -66,12 +70,23 @@ def listing(root: Path) -> dict[str, tuple[str, int, int, str]]:
             if stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir", stat.S_IMODE(st.st_mode), 0, "")
             elif stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
+                digest = _sha256(full, stat.S_IMODE(st.st_mode))
                 out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, digest)
             else:
                 out[rel] = (f"other {stat.S_IFMT(st.st_mode):o}", stat.S_IMODE(st.st_mode), 0, "")
     return out
+
+
+def _sha256(path: str, mode: int) -> str:
+    """Content digest; as an ordinary user, a file without u+r (etc/shadow 0000) is opened up for the read."""
+    if not AS_ROOT and not mode & 0o400:
+        os.chmod(path, mode | 0o400)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    finally:
+        if not AS_ROOT and not mode & 0o400:
+            os.chmod(path, mode)
 
 
 def _copy_dist_closure(dest: Path) -> None:
@@ -231,8 +246,6 @@ def _in_child_as_user(fn: object) -> None:
                 os.setuid(UID)
             fn()
         except BaseException as exc:
-            import traceback
-
             os.write(w, "".join(traceback.format_exception(exc)).encode())
             status = 1
         os._exit(status)
@@ -246,9 +259,6 @@ def _in_child_as_user(fn: object) -> None:
 def test_extractor_as_user_read_only_dirs(tmp_path: Path) -> None:
     """Layer by layer into one directory as the native snapshotter does (a whole read-only subtree whited
     out, an opaque marker inside a read-only directory), then removed with the shared tree removal."""
-    from cargohold.devtools.samples import Entry, tar_layer
-    from cargohold.diff.removal import remove_tree
-
     base = Path(tempfile.mkdtemp(prefix="cargohold-rootless-x-"))
     os.chmod(base, 0o755)
     os.chown(base, UID, GID)
@@ -261,24 +271,27 @@ def test_extractor_as_user_read_only_dirs(tmp_path: Path) -> None:
         Entry(path="srv/a", kind="dir", mode=0o500),  # made read-only after its child was written
     ])
 
-    def work() -> None:
-        root = base / "fs"
+    root = base / "fs"
+
+    def apply_all() -> None:
         root.mkdir()
         for layer in [*rootless_layers(), third]:
             apply_layer(root, io.BytesIO(layer))
-        got = listing(root)
+
+    def remove() -> None:
+        remove_tree(root)
+
+    try:
+        _in_child_as_user(apply_all)
         want = {k: v for k, v in EXPECTED.items() if not k.startswith(("etc/pki", "opt/ro/"))}
         want["opt/ro/fresh"] = ("file", 0o444, 6, hashlib.sha256(b"fresh\n").hexdigest())
         want["srv"] = ("dir", 0o755, 0, "")
         want["srv/a"] = ("dir", 0o500, 0, "")
         want["srv/a/b"] = ("dir", 0o555, 0, "")
         want["srv/a/b/c"] = ("file", 0o644, 2, hashlib.sha256(b"c\n").hexdigest())
-        assert got == want
-        remove_tree(root)
+        assert listing(root) == want
+        _in_child_as_user(remove)
         assert not root.exists()
-
-    try:
-        _in_child_as_user(work)
     finally:
         _rm_as_root(base)
 
