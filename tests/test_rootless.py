@@ -182,6 +182,12 @@ def test_pull_rootfs_mount_gc_as_ordinary_user(registry: RegistryProcess, world_
     device_lines = [line for line in pulled.stderr.splitlines() if "device" in line]
     assert len(device_lines) == 1, pulled.stderr
     assert "dev/null" in device_lines[0] and "2 device nodes skipped" in device_lines[0]
+    # Owners other than the user's: one warning; the security.* xattr: skipped with one.
+    assert [ln for ln in pulled.stderr.splitlines() if "owners not applied" in ln] == [
+        "WARNING cargohold.diff.attrs: not root: tar owners not applied, files stay the user's "
+        "(first: 'usr/' 0:0)"]
+    assert ("WARNING cargohold.diff.attrs: tar entry 'etc/motd': xattr security.cargohold-test not applied: "
+            "Operation not permitted") in pulled.stderr.splitlines()
     root = home / ".local" / "share" / "cargohold"
     assert (root / "metadata.db").is_file()  # the default root for an ordinary user
     assert (root / "unpack" / "locks").is_dir()
@@ -295,3 +301,53 @@ def test_extractor_as_user_read_only_dirs(tmp_path: Path) -> None:
     finally:
         _rm_as_root(base)
 
+
+
+def test_rm_rootfs_refuses_mounts_and_never_follows_symlinks(world_readable_code: Path, user_home: Path) -> None:
+    """``rm-rootfs`` as the user: read-only directories go, a symlink's target outside stays, a tree with a
+    mount inside (made by root, when the tests run as root) is refused untouched."""
+    code, home = world_readable_code, user_home
+    outside = home / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep\n")
+    tree = home / "tree"
+
+    def build() -> None:
+        (tree / "usr" / "bin").mkdir(parents=True)
+        (tree / "usr" / "bin" / "ls").write_text("ls\n")
+        (tree / "usr" / "link").symlink_to(outside)
+        (tree / "usr" / "file-link").symlink_to(outside / "keep")
+        (tree / "mnt").mkdir()
+        os.chmod(tree / "usr" / "bin" / "ls", 0o000)
+        os.chmod(tree / "usr" / "bin", 0o555)
+        os.chmod(tree / "usr", 0o500)
+
+    def chown_all(path: Path) -> None:
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in [*dirnames, *filenames])]:
+                os.chown(name, UID, GID, follow_symlinks=False)
+
+    build()
+    if AS_ROOT:
+        chown_all(home)
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tree / "mnt")], check=True)
+        try:
+            (tree / "mnt" / "data").write_text("on tmpfs\n")
+            refused = as_user(code, home, "rm-rootfs", str(tree))
+            assert refused.returncode == 1, refused
+            assert refused.stderr == (f"cargohold: error: {tree}: {tree / 'mnt'} is mounted there; "
+                                      "unmount it first\n")
+            assert (tree / "mnt" / "data").read_text() == "on tmpfs\n" and (tree / "usr" / "bin").is_dir()
+        finally:
+            subprocess.run(["umount", str(tree / "mnt")], check=True)
+
+    as_link = home / "link-to-tree"
+    as_link.symlink_to(tree)
+    refused = as_user(code, home, "rm-rootfs", str(as_link))
+    assert refused.returncode == 2 and refused.stderr == f"cargohold: error: {as_link}: not a directory\n"
+
+    ok(as_user(code, home, "rm-rootfs", str(tree)))
+    assert not tree.exists()
+    assert (outside / "keep").read_text() == "keep\n"
+    missing = as_user(code, home, "rm-rootfs", str(tree))
+    assert missing.returncode == 1 and missing.stderr == f"cargohold: error: {tree}: no such directory\n"

@@ -1,9 +1,10 @@
 """A deterministic two-layer image shaped like RHEL/UBI/Fedora ones where unpacking as a non-root user is hard.
 
-Layer 1 makes read-only directories (``usr/bin`` 0555 with files and a 4111 ``sudo``, ``etc/pki`` 0500 with a file, ``opt/ro``
-0555), character devices, files owned by 1000:1000, a 0444 file, a 0000 ``etc/shadow`` and a ``security.*`` xattr. Layer 2 writes
-into those read-only directories of its parent: a new file in ``usr/bin``, a whiteout of ``usr/bin/old``, and a
-new version of ``opt/ro/conf`` (with ``opt/ro`` repeated as a 0555 directory entry first, as real layers do).
+Layer 1 makes read-only directories (``usr/bin`` 0555 with files and a 4111 ``sudo``, ``etc/pki`` 0500 with a
+file, ``opt/ro`` 0555), character devices, files owned by 1000:1000, a 0444 file, a 0000 ``etc/shadow`` and a
+``security.*`` xattr. Layer 2 writes into those read-only directories of its parent: a new file in ``usr/bin``,
+a whiteout of ``usr/bin/old``, and a new version of ``opt/ro/conf`` (with ``opt/ro`` repeated as a 0555
+directory entry first, as real layers do).
 """
 
 from __future__ import annotations
