@@ -3,8 +3,9 @@
 ``rm -rf`` and ``shutil.rmtree`` fail on a directory without the owner's write bit when not root (images ship
 ``usr/bin`` 0555). Here a removal that fails with EACCES/EPERM opens the directory up (u+rwx, which its owner
 may always do) and tries again. Symlinks are never followed: everything goes through directory fds opened with
-O_NOFOLLOW, and a directory swapped for something else between lstat and open is refused. With
+O_NOFOLLOW (a directory swapped for a symlink meanwhile fails to open and is reported). With
 ``one_filesystem`` a directory on another device (a mount below the tree) is refused instead of emptied.
+As root nothing is ever denied, so nothing is ever opened up.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def remove_tree(path: str | os.PathLike[str], *, on_error: OnError | None = None
     pfd = os.open(parent or "/", _DIR_FLAGS & ~os.O_NOFOLLOW)
     try:
         # The parent is not ours to open up: dev=None marks the top entry.
-        _Remover(on_error or _raise, one_filesystem).entry(pfd, parent, name, None)
+        _Remover(on_error or _raise, one_filesystem).entry(pfd, parent, name, None, None)
     finally:
         os.close(pfd)
 
@@ -54,51 +55,40 @@ class _Remover:
         self.on_error = on_error
         self.one_filesystem = one_filesystem
 
-    def entry(self, dfd: int, dpath: str, name: str, dev: int | None) -> None:
+    def entry(self, dfd: int, dpath: str, name: str, dev: int | None, is_dir: bool | None) -> None:
+        """Remove ``name`` in ``dfd``; ``dev`` is its parent's device (None: the top, whose parent is not
+        ours to open up); ``is_dir`` from the directory listing (None: look)."""
         path = f"{dpath}/{name}"
+        inside = dev is not None
         try:
-            st = self._retry(dfd, partial(os.lstat, name, dir_fd=dfd), dev is not None)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            self.on_error(path, exc)
-            return
-        if stat.S_ISDIR(st.st_mode):
-            if dev is not None and st.st_dev != dev and self.one_filesystem:
-                raise FailedPreconditionError(f"{path}: another filesystem is mounted there; not removing it")
-            try:
-                self._empty(dfd, name, path, st)
-            except FileNotFoundError:
-                return
-            except FailedPreconditionError:
-                raise
-            except OSError as exc:
-                self.on_error(path, exc)
-                return
-            remove = partial(os.rmdir, name, dir_fd=dfd)
-        else:
-            remove = partial(os.unlink, name, dir_fd=dfd)
-        try:
-            self._retry(dfd, remove, dev is not None)
+            if is_dir is None:
+                is_dir = stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode)
+            if is_dir:
+                self._empty(dfd, name, path, dev)
+                self._retry(dfd, partial(os.rmdir, name, dir_fd=dfd), inside)
+            else:
+                self._retry(dfd, partial(os.unlink, name, dir_fd=dfd), inside)
         except FileNotFoundError:
             pass
         except OSError as exc:
             self.on_error(path, exc)
 
-    def _empty(self, dfd: int, name: str, path: str, st: os.stat_result) -> None:
+    def _empty(self, dfd: int, name: str, path: str, dev: int | None) -> None:
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)  # O_NOFOLLOW: a symlink swapped in fails, never followed
         except PermissionError:
-            _open_up_by_name(dfd, name, st)
+            if dev is not None:
+                _open_up(dfd)
+            _open_up_by_name(dfd, name)
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
         try:
-            got = os.fstat(fd)
-            if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
-                raise FailedPreconditionError(f"{path}: replaced while being removed; not following it")
+            own = os.fstat(fd).st_dev
+            if self.one_filesystem and dev is not None and own != dev:
+                raise FailedPreconditionError(f"{path}: another filesystem is mounted there; not removing it")
             with os.scandir(fd) as it:
-                names = [e.name for e in it]
-            for child in names:
-                self.entry(fd, path, child, st.st_dev)
+                children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            for child, child_is_dir in children:
+                self.entry(fd, path, child, own, child_is_dir)
         finally:
             os.close(fd)
 
@@ -126,15 +116,11 @@ def _open_up(dfd: int) -> bool:
     return True
 
 
-def _open_up_by_name(dfd: int, name: str, st: os.stat_result) -> None:
+def _open_up_by_name(dfd: int, name: str) -> None:
     """u+rwx on directory ``name`` that we cannot open for reading: through an O_PATH fd (never a symlink)."""
     fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     try:
-        got = os.fstat(fd)
-        if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
-            raise FileNotFoundError(errno.ENOENT, "replaced while being removed", name)
         # fchmod refuses O_PATH fds; the /proc link reaches the very inode the fd holds.
-        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(got.st_mode) | 0o700)
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(os.fstat(fd).st_mode) | 0o700)
     finally:
         os.close(fd)
-
