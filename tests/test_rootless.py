@@ -340,12 +340,23 @@ def test_rm_rootfs_refuses_mounts_and_never_follows_symlinks(world_readable_code
             assert (tree / "mnt" / "data").read_text() == "on tmpfs\n" and (tree / "usr" / "bin").is_dir()
         finally:
             subprocess.run(["umount", str(tree / "mnt")], check=True)
+        # The user's tree in a directory it may not write: refused before anything is removed.
+        foreign = home.parent / "foreign"
+        shutil.copytree(tree, foreign, symlinks=True)
+        chown_all(foreign)
+        refused = as_user(code, home, "rm-rootfs", str(foreign))
+        assert refused.returncode == 1 and refused.stderr == (
+            f"cargohold: error: {foreign}: cannot remove it, its directory {home.parent} is not writable\n")
+        assert (foreign / "usr" / "bin" / "ls").exists()
 
     as_link = home / "link-to-tree"
     as_link.symlink_to(tree)
     refused = as_user(code, home, "rm-rootfs", str(as_link))
     assert refused.returncode == 2 and refused.stderr == f"cargohold: error: {as_link}: not a directory\n"
 
+    holds_root = as_user(code, home, "rm-rootfs", str(home))
+    assert holds_root.returncode == 1 and holds_root.stderr == (
+        f"cargohold: error: {home}: holds the data root {home}/.local/share/cargohold; not removing it\n")
     ok(as_user(code, home, "rm-rootfs", str(tree)))
     assert not tree.exists()
     assert (outside / "keep").read_text() == "keep\n"

@@ -388,8 +388,8 @@ class ClientBase:
 
     def remove_rootfs(self, target: Path | str) -> None:
         """Remove a directory tree written by ``rootfs``, read-only directories included (an ordinary user's
-        ``rm -rf`` cannot), never following symlinks. Refuses a path that is not a directory and a tree with
-        anything mounted at or below it."""
+        ``rm -rf`` cannot), never following symlinks. Refuses a path that is not a directory, a tree with
+        anything mounted at or below it, one holding the data root, and one whose directory is not writable."""
         path = os.path.abspath(target)
         try:
             st = os.lstat(path)
@@ -400,7 +400,17 @@ class ClientBase:
         mounted = mounts_at_or_below(path)
         if mounted:
             raise FailedPreconditionError(f"{path}: {mounted[-1]} is mounted there; unmount it first")
-        remove_tree(path, one_filesystem=True)
+        data_root = os.path.abspath(self.root)
+        if data_root == path or data_root.startswith(path.rstrip("/") + "/"):
+            raise FailedPreconditionError(f"{path}: holds the data root {data_root}; not removing it")
+        parent = os.path.dirname(path)
+        if not os.access(parent, os.W_OK | os.X_OK):  # checked first: nothing is removed if the top cannot be
+            raise FailedPreconditionError(f"{path}: cannot remove it, its directory {parent} is not writable")
+        try:
+            remove_tree(path, one_filesystem=True)
+        except OSError as exc:
+            raise FailedPreconditionError(
+                f"removing {path}: {exc.filename}: {exc.strerror or exc}") from exc
 
     def mount(self, name: str, target: Path | str, *, snapshotter: str | None = None,
               platform: Platform | str | None = None, writable: bool = False) -> list[Mount]:

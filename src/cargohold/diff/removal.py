@@ -28,8 +28,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DENIED = (errno.EACCES, errno.EPERM)
 
 
-def _raise(_path: str, exc: OSError) -> None:
-    raise exc
+def _raise(path: str, exc: OSError) -> None:
+    # Operations are relative to directory fds: name the whole path instead of the last component.
+    raise type(exc)(exc.errno, exc.strerror, path) from exc
 
 
 def remove_tree(path: str | os.PathLike[str], *, on_error: OnError | None = None,
