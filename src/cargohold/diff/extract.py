@@ -302,11 +302,10 @@ class Extractor:
             if mode & 0o700 != 0o700:  # its children come later: the final mode waits for finish()
                 self._dir_modes[path] = mode
                 mode |= 0o700
-                fresh = False
             else:
                 self._dir_modes.pop(path, None)
             self._open.add(path[len(self.root) + 1:])
-        if not fresh or mode != mode & self._keep_bits:
+        if not fresh or mode != e.mode & self._keep_bits:  # a fresh one has what mkdir gave it
             os.chmod(path, mode)
         self._dir_times[path] = entry_times(e)
 
@@ -357,9 +356,7 @@ class Extractor:
         dev = os.makedev(e.devmajor, e.devminor)
         try:
             self._create(path, lambda: os.mknod(path, kind | (e.mode & 0o777), dev))
-        except PermissionError:
-            if self._owners.privileged:
-                raise
+        except PermissionError:  # not root, or root without CAP_MKNOD (in a container)
             self._devices_skipped.append(e)  # reported once, by finish()
             return
         self._meta(path, e, symlink=False)
