@@ -144,15 +144,12 @@ def user_home() -> Iterator[Path]:
     try:
         yield home
     finally:
-        _rm_as_root(top)
+        _cleanup(top)
 
 
-def _rm_as_root(top: Path) -> None:
-    if AS_ROOT:
-        shutil.rmtree(top)
-    else:  # our own read-only directories: let rm open them up
-        subprocess.run(["chmod", "-R", "u+rwx", str(top)], check=False)
-        shutil.rmtree(top)
+def _cleanup(top: Path) -> None:
+    # Not root, shutil.rmtree fails on the read-only directories the tests make: remove_tree opens them up.
+    remove_tree(top)
 
 
 def as_user(code: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -299,7 +296,7 @@ def test_extractor_as_user_read_only_dirs(tmp_path: Path) -> None:
         _in_child_as_user(remove)
         assert not root.exists()
     finally:
-        _rm_as_root(base)
+        _cleanup(base)
 
 
 

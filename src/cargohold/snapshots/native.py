@@ -10,6 +10,7 @@ Views are not copied: committed snapshots never change, so a view is a read-only
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import subprocess
@@ -27,17 +28,27 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, hold_
     ``hold_fd`` is passed to ``cp`` so that a lock on it (the scratch directory's flock) stays held until
     ``cp`` exits, even if we die first.
     """
-    closed = [] if os.geteuid() == 0 else _open_for_reading(os.fspath(src))
-    try:
+    if os.geteuid() == 0:
         _cp(src, dst, hold_fd)
+        return
+    # Not root: modes of the source change for the copy's duration; copies from the same source (two images
+    # on one base) take turns, so that none gives modes back while another still reads.
+    lock = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        closed = _open_for_reading(os.fspath(src))
+        try:
+            _cp(src, dst, hold_fd)
+        finally:
+            # Innermost first (parents were found before children): a closed directory must not hide them.
+            for rel, mode in reversed(closed):
+                for top in (src, dst):
+                    try:
+                        os.chmod(os.path.join(top, rel), mode)
+                    except FileNotFoundError:
+                        pass
     finally:
-        # Innermost first (found parents before children): a closed directory must not hide its children.
-        for rel, mode in reversed(closed):
-            for top in (src, dst):
-                try:
-                    os.chmod(os.path.join(top, rel), mode)
-                except FileNotFoundError:
-                    pass
+        os.close(lock)
 
 
 def _open_for_reading(root: str) -> list[tuple[str, int]]:
