@@ -282,13 +282,16 @@ def test_extractor_as_user_read_only_dirs(tmp_path: Path) -> None:
         Entry(path="srv/a/b", kind="dir", mode=0o555),  # implicit parents, then a read-only leaf
         Entry(path="srv/a/b/c", data=b"c\n"),
         Entry(path="srv/a", kind="dir", mode=0o500),  # made read-only after its child was written
+        Entry(path="var", kind="dir", mode=0o755),
+        Entry(path="var/closed", kind="dir", mode=0o000),  # not even searchable: opened for the next layer
     ])
+    fourth = tar_layer([Entry(path="var/closed/sub/file", data=b"deep\n")])
 
     root = base / "fs"
 
     def apply_all() -> None:
         root.mkdir()
-        for layer in [*rootless_layers(), third]:
+        for layer in [*rootless_layers(), third, fourth]:
             apply_layer(root, io.BytesIO(layer))
 
     def remove() -> None:
@@ -302,6 +305,10 @@ def test_extractor_as_user_read_only_dirs(tmp_path: Path) -> None:
         want["srv/a"] = ("dir", 0o500, 0, "")
         want["srv/a/b"] = ("dir", 0o555, 0, "")
         want["srv/a/b/c"] = ("file", 0o644, 2, hashlib.sha256(b"c\n").hexdigest())
+        want["var"] = ("dir", 0o755, 0, "")
+        want["var/closed"] = ("dir", 0o000, 0, "")
+        want["var/closed/sub"] = ("dir", 0o755, 0, "")
+        want["var/closed/sub/file"] = ("file", 0o644, 5, hashlib.sha256(b"deep\n").hexdigest())
         assert listing(root) == want
         _in_child_as_user(remove)
         assert not root.exists()

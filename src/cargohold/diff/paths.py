@@ -61,7 +61,8 @@ class Resolver:
                  on_implicit_dir: Callable[[str, str], object] | None = None,
                  on_denied: Callable[[str], bool] | None = None) -> None:
         self.root = root
-        # Called (real path) when making a directory inside it was denied: True when it may be retried.
+        # Called (real path) when looking or making a directory inside it was denied: True when it may be
+        # retried (it was opened up).
         self._on_denied = on_denied
         # Called (real path, entry) before a missing directory is made: a chance to refuse guessing it.
         self._on_implicit_dir = on_implicit_dir
@@ -114,7 +115,12 @@ class Resolver:
             if self._before_lookup is not None:
                 self._before_lookup(nxt)
             try:
-                mode = os.lstat(path).st_mode
+                try:
+                    mode = os.lstat(path).st_mode
+                except PermissionError:  # ``cur`` has no search bit for us (not root)
+                    if self._on_denied is None or not self._on_denied(cur):
+                        raise
+                    mode = os.lstat(path).st_mode
             except FileNotFoundError:
                 if not create:
                     return None
