@@ -390,7 +390,10 @@ class ClientBase:
         """Remove a directory tree written by ``rootfs``, read-only directories included (an ordinary user's
         ``rm -rf`` cannot), never following symlinks. Refuses a path that is not a directory, a tree with
         anything mounted at or below it, one holding the data root, and one whose directory is not writable."""
-        path = os.path.abspath(target)
+        given = os.path.abspath(target)
+        # The parent's real path, as /proc/self/mountinfo spells mount points; the last component stays
+        # unresolved (a symlink there is refused below, not followed).
+        path = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
         try:
             st = os.lstat(path)
         except FileNotFoundError:
