@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from cargohold.content.local import LocalStore
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.content.store import LABEL_GC_ROOT
 from cargohold.diff.apply import apply_layer
+from cargohold.diff.removal import remove_tree
 from cargohold.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -64,7 +66,7 @@ from cargohold.snapshots import (
     open_snapshotter,
 )
 from cargohold.snapshots.base import Kind, Mount, Snapshotter
-from cargohold.snapshots.mount import mount_all, unmount
+from cargohold.snapshots.mount import mount_all, mounts_at_or_below, unmount
 from cargohold.unpack.labels import cri_layer_labels
 from cargohold.unpack.unpacker import FetchFn, LayerLabelsFn, Unpacker, UnpackResult
 
@@ -387,6 +389,35 @@ class ClientBase:
             self.on_event(Event(action="apply", status="done", item=str(layer.digest),
                                 media_type=layer.media_type, current=layer.size, total=layer.size))
         return dest
+
+    def remove_rootfs(self, target: Path | str) -> None:
+        """Remove a directory tree written by ``rootfs``, read-only directories included (an ordinary user's
+        ``rm -rf`` cannot), never following symlinks. Refuses a path that is not a directory, a tree with
+        anything mounted at or below it, one holding the data root, and one whose directory is not writable."""
+        given = os.path.abspath(target)
+        # The parent's real path, as /proc/self/mountinfo spells mount points; the last component stays
+        # unresolved (a symlink there is refused below, not followed).
+        path = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise NotFoundError(f"{path}: no such directory") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgumentError(f"{path}: not a directory")
+        mounted = mounts_at_or_below(path)
+        if mounted:
+            raise FailedPreconditionError(f"{path}: {mounted[-1]} is mounted there; unmount it first")
+        data_root = os.path.abspath(self.root)
+        if data_root == path or data_root.startswith(path.rstrip("/") + "/"):
+            raise FailedPreconditionError(f"{path}: holds the data root {data_root}; not removing it")
+        parent = os.path.dirname(path)
+        if not os.access(parent, os.W_OK | os.X_OK):  # checked first: nothing is removed if the top cannot be
+            raise FailedPreconditionError(f"{path}: cannot remove it, its directory {parent} is not writable")
+        try:
+            remove_tree(path, one_filesystem=True)
+        except OSError as exc:
+            raise FailedPreconditionError(
+                f"removing {path}: {exc.filename}: {exc.strerror or exc}") from exc
 
     def mount(self, name: str, target: Path | str, *, snapshotter: str | None = None,
               platform: Platform | str | None = None, writable: bool = False) -> list[Mount]:

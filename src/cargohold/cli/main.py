@@ -151,6 +151,15 @@ def rootfs(state: State, image: str, target: Path, platform: str | None) -> None
     click.echo(str(target))
 
 
+@cli.command("rm-rootfs")
+@click.argument("target", type=click.Path(path_type=Path))
+@pass_state
+def rm_rootfs(state: State, target: Path) -> None:
+    """Remove a directory written by ``rootfs``, read-only directories included (where ``rm -rf`` fails for
+    an ordinary user). Symlinks are not followed; a tree with a mount inside is refused."""
+    state.client().remove_rootfs(target)
+
+
 # -- images --------------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 
 from cargohold.diff.tarstream import TarEntry
 
@@ -40,12 +41,16 @@ def entry_times(e: TarEntry) -> tuple[int, int]:
     return (atime if atime <= _MAX_NS else mtime), mtime
 
 
+# Set once a process warned that owners were not applied: one line per process, not per layer.
+_OWNERS_WARNED = threading.Event()
+
+
 class Owners:
-    """chown as the entry says. Not root: owners other than ours cannot be set; warn once and go on."""
+    """chown as the entry says. Not root: owners other than ours cannot be set (files stay ours, as in
+    containerd's rootless mode); warn once per process and go on."""
 
     def __init__(self) -> None:
         self.privileged = os.geteuid() == 0
-        self._warned = False
 
     def apply(self, target: int | str, e: TarEntry, *, follow: bool = False) -> None:
         try:
@@ -56,9 +61,10 @@ class Owners:
         except PermissionError:
             if self.privileged:
                 raise
-            if not self._warned:
-                log.warning("not root: tar owners not applied (first: %r %d:%d)", e.name, e.uid, e.gid)
-                self._warned = True
+            if not _OWNERS_WARNED.is_set():
+                _OWNERS_WARNED.set()
+                log.warning("not root: tar owners not applied, files stay the user's (first: %r %d:%d)",
+                            e.name, e.uid, e.gid)
 
 
 def set_xattrs(target: int | str, e: TarEntry, *, symlink: bool = False) -> None:

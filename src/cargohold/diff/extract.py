@@ -7,6 +7,9 @@ layer did not write. Overlay mode applies a layer alone into an empty overlayfs 
 become 0/0 character devices and opaque markers the ``trusted.overlay.opaque=y`` xattr; nothing is deleted.
 
 Metadata follows ``diff.attrs``; directory times are set at the very end, after their contents were written.
+Not root, read-only directories (``usr/bin`` 0555) could not receive their children: they are opened up (u+rwx)
+while the layer applies and given their final mode — the entry's, else the one they had — at the very end too.
+Device nodes that cannot be made then are skipped with one warning per layer.
 Small new files are written by ``diff.writers`` threads; ``_flush`` is the barrier before anything whose
 outcome depends on entry order.
 """
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from cargohold.diff import sparse
 from cargohold.diff.attrs import Owners, drop_stale_xattrs, entry_times, read_umask, set_xattrs
 from cargohold.diff.paths import Resolver, clean_name
+from cargohold.diff.removal import remove_tree
 from cargohold.diff.tarstream import BLK, CHR, DIR, FIFO, LNK, REG, SYM, TarEntry, TarReader
 from cargohold.diff.writers import FileWriters
 from cargohold.errors import InvalidArgumentError, NeedsParentsError, NotFoundError, UnsafePathError
@@ -65,14 +69,20 @@ class Extractor:
         self.entries = 0
         # write_threads=0: every file inline; None: up to 8 threads while creates prove slow; N: N threads.
         self._writers = None if write_threads == 0 else FileWriters(self._write_new, threads=write_threads)
+        self._owners = Owners()
         self._paths = Resolver(root, on_non_dir=self._dir_over_whiteout if overlay else None,
                                before_lookup=self._flush_if_pending if self._writers else None,
-                               on_implicit_dir=self._needs_parents if isolated else None)
+                               on_implicit_dir=self._needs_parents if isolated else None,
+                               on_denied=None if self._owners.privileged else self._open_up)
         # Real paths this layer wrote, and their ancestors: what an opaque marker keeps.
         self._written: set[str] = {""}
         self._dir_times: dict[str, tuple[int, int]] = {}
         self._whiteouts: set[str] = set()  # overlay mode: whiteout devices this layer made
-        self._owners = Owners()
+        # Not root: directories opened up -> the mode they end with; paths known to be open (a cache).
+        self._rootless = not self._owners.privileged
+        self._dir_modes: dict[str, int] = {}
+        self._open: set[str] = set()
+        self._devices_skipped: list[TarEntry] = []
         self._keep_bits = 0o777 & ~read_umask()  # mode bits a create keeps; others need a chmod
 
     # -- entry dispatch -----------------------------------------------------------------------------------
@@ -120,7 +130,8 @@ class Extractor:
             raise InvalidArgumentError(f"tar entry {name!r}: unsupported type {kind!r}")
 
     def finish(self) -> None:
-        """Wait for queued files, then set directory times: nothing will be written into them any more."""
+        """Wait for queued files, then set directory times (and modes, not root): nothing will be written into
+        them any more."""
         self._flush()
         self.close()
         for path, times in self._dir_times.items():
@@ -128,6 +139,18 @@ class Extractor:
                 os.utime(path, ns=times, follow_symlinks=False)
             except FileNotFoundError:
                 pass
+        if self._dir_modes:
+            # Innermost first: a directory closed to us (no u+x) must not block its children's chmod.
+            for path in sorted(self._dir_modes, key=lambda p: p.count("/"), reverse=True):
+                try:
+                    os.chmod(path, self._dir_modes[path])
+                except FileNotFoundError:
+                    pass
+        if self._devices_skipped:
+            first = self._devices_skipped[0]
+            n = len(self._devices_skipped)
+            log.warning("%d device node%s skipped, mknod not permitted (first: tar entry %r, %d:%d)",
+                        n, "" if n == 1 else "s", first.name, first.devmajor, first.devminor)
 
     def close(self) -> None:
         """Stop the writer threads (idempotent; after an error, what they wrote stays)."""
@@ -157,7 +180,20 @@ class Extractor:
             assert real is not None
         if real not in self._written:
             self._mark(real)
+        if self._rootless and real not in self._open:
+            self._open_up(real)
         return real
+
+    def _open_up(self, rel: str) -> bool:
+        """Not root: let us write into directory ``rel`` until ``finish`` (which gives back its mode)."""
+        path = self._paths.abs(rel)
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        self._open.add(rel)
+        if mode & 0o700 == 0o700:
+            return False
+        os.chmod(path, mode | 0o700)
+        self._dir_modes.setdefault(path, mode)
+        return True
 
     def _mark(self, rel: str) -> None:
         written = self._written
@@ -172,12 +208,17 @@ class Extractor:
             st = None
         mode = (st or os.lstat(path)).st_mode
         if stat.S_ISDIR(mode):
-            shutil.rmtree(path)
+            if self._rootless:
+                remove_tree(path)  # opens up read-only directories inside
+                self._open.clear()
+            else:
+                shutil.rmtree(path)
             self._paths.forget()
-            if self._dir_times:
-                inside = path + "/"
-                for key in [k for k in self._dir_times if k == path or k.startswith(inside)]:
-                    del self._dir_times[key]
+            inside = path + "/"
+            for cache in (self._dir_times, self._dir_modes):
+                if cache:
+                    for key in [k for k in cache if k == path or k.startswith(inside)]:
+                        del cache[key]
         else:
             os.unlink(path)
             if stat.S_ISLNK(mode):
@@ -274,8 +315,16 @@ class Extractor:
             drop_stale_xattrs(path, e)
         if e.xattrs:
             set_xattrs(path, e)
-        if not fresh or e.mode != e.mode & self._keep_bits:
-            os.chmod(path, e.mode)
+        mode = e.mode
+        if self._rootless:
+            if mode & 0o700 != 0o700:  # its children come later: the final mode waits for finish()
+                self._dir_modes[path] = mode
+                mode |= 0o700
+            else:
+                self._dir_modes.pop(path, None)
+            self._open.add(path[len(self.root) + 1:])
+        if not fresh or mode != e.mode & self._keep_bits:  # a fresh one has what mkdir gave it
+            os.chmod(path, mode)
         self._dir_times[path] = entry_times(e)
 
     def _needs_parents(self, rel: str, entry: str) -> None:
@@ -325,9 +374,8 @@ class Extractor:
         dev = os.makedev(e.devmajor, e.devminor)
         try:
             self._create(path, lambda: os.mknod(path, kind | (e.mode & 0o777), dev))
-        except PermissionError:
-            log.warning("tar entry %r: device %d:%d skipped, mknod not permitted",
-                        e.name, e.devmajor, e.devminor)
+        except PermissionError:  # not root, or root without CAP_MKNOD (in a container)
+            self._devices_skipped.append(e)  # reported once, by finish()
             return
         self._meta(path, e, symlink=False)
 
@@ -406,6 +454,8 @@ class Extractor:
 
     def _clear_unwritten(self, rel: str) -> None:
         """Delete everything under ``rel`` that this layer did not write (the parents' content it hides)."""
+        if self._rootless and rel not in self._open:
+            self._open_up(rel)
         with os.scandir(self._paths.abs(rel)) as it:
             children = list(it)
         for child in children:

@@ -61,8 +61,12 @@ class Resolver:
 
     def __init__(self, root: str, *, on_non_dir: Callable[[str], bool] | None = None,
                  before_lookup: Callable[[str], object] | None = None,
-                 on_implicit_dir: Callable[[str, str], object] | None = None) -> None:
+                 on_implicit_dir: Callable[[str, str], object] | None = None,
+                 on_denied: Callable[[str], bool] | None = None) -> None:
         self.root = root
+        # Called (real path) when looking or making a directory inside it was denied: True when it may be
+        # retried (it was opened up).
+        self._on_denied = on_denied
         # Called (real path, entry) before a missing directory is made: a chance to refuse guessing it.
         self._on_implicit_dir = on_implicit_dir
         self._dirs: dict[str, str] = {"": ""}
@@ -113,13 +117,23 @@ class Resolver:
             if self._before_lookup is not None:
                 self._before_lookup(nxt)
             try:
-                mode = os.lstat(path).st_mode
+                try:
+                    mode = os.lstat(path).st_mode
+                except PermissionError:  # ``cur`` has no search bit for us (not root)
+                    if self._on_denied is None or not self._on_denied(cur):
+                        raise
+                    mode = os.lstat(path).st_mode
             except FileNotFoundError:
                 if not create:
                     return None
                 if self._on_implicit_dir is not None:
                     self._on_implicit_dir(nxt, entry)
-                os.mkdir(path, 0o755)
+                try:
+                    os.mkdir(path, 0o755)
+                except PermissionError:
+                    if self._on_denied is None or not self._on_denied(cur):
+                        raise
+                    os.mkdir(path, 0o755)
                 os.chmod(path, 0o755)  # whatever the umask
                 cur = nxt
                 continue

@@ -6,11 +6,10 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 import stat
-import sys
 from pathlib import Path
 
+from cargohold.diff.removal import remove_tree
 from cargohold.snapshots.base import Usage
 
 log = logging.getLogger(__name__)
@@ -56,21 +55,14 @@ class Scratch:
 
 
 def rmtree_quiet(path: Path) -> None:
-    """Delete a tree, logging (not raising) what could not be removed; cleanup retries on the next open."""
-    if sys.version_info >= (3, 12):
+    """Delete a tree, logging (not raising) what could not be removed; cleanup retries on the next open.
 
-        def report(_func: object, failed: str, exc: BaseException) -> None:
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("removing %s: %s", failed, exc)
+    Read-only directories inside (images made by an ordinary user keep ``usr/bin`` 0555) are opened up."""
 
-        shutil.rmtree(path, onexc=report)
-    else:
+    def report(failed: str, exc: OSError) -> None:
+        log.warning("removing %s: %s", failed, exc)
 
-        def report_old(_func: object, failed: str, info: tuple[type, BaseException, object]) -> None:
-            if not isinstance(info[1], FileNotFoundError):
-                log.warning("removing %s: %s", failed, info[1])
-
-        shutil.rmtree(path, onerror=report_old)
+    remove_tree(path, on_error=report)
 
 
 def disk_usage(path: Path, *, one_filesystem: bool = False) -> Usage:

@@ -207,6 +207,10 @@ def mount_one(m: Mount, target: str | Path) -> None:
                 unmount(dest, lazy=True)
                 raise
     except OSError as exc:
+        if exc.errno == errno.EPERM and os.geteuid() != 0:  # an ordinary user: say so, in one line
+            raise FailedPreconditionError(
+                f"mount {m.type} {m.source} at {dest} needs root (as uid {os.geteuid()}: {exc.strerror})"
+            ) from exc
         raise FailedPreconditionError(f"{_describe(m, dest)}: {exc.strerror}") from exc
 
 
@@ -234,18 +238,25 @@ def mount_all(mounts: Sequence[Mount], target: str | Path) -> None:
         raise
 
 
-def _mounts_below(path: str) -> list[str]:
-    """Mount points strictly below ``path``, deepest first."""
-    prefix = path.rstrip("/") + "/"
-    found: list[str] = []
+def _mount_points() -> Iterator[str]:
     with open("/proc/self/mountinfo", "rb") as fh:
         for line in fh:
             # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
             raw = line.split(b" ")[4]
-            point = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
-            if point.startswith(prefix):
-                found.append(point)
-    return sorted(set(found), key=len, reverse=True)
+            yield os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
+
+
+def _mounts_below(path: str) -> list[str]:
+    """Mount points strictly below ``path``, deepest first."""
+    prefix = path.rstrip("/") + "/"
+    return sorted({p for p in _mount_points() if p.startswith(prefix)}, key=len, reverse=True)
+
+
+def mounts_at_or_below(path: str | Path) -> list[str]:
+    """Mount points at ``path`` or below it, deepest first."""
+    top = os.path.abspath(path)
+    prefix = top.rstrip("/") + "/"
+    return sorted({p for p in _mount_points() if p == top or p.startswith(prefix)}, key=len, reverse=True)
 
 
 def unmount(target: str | Path, *, lazy: bool = False) -> None:

@@ -10,7 +10,9 @@ Views are not copied: committed snapshots never change, so a view is a read-only
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 import subprocess
 
 from cargohold.errors import FailedPreconditionError
@@ -26,6 +28,55 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, hold_
     ``hold_fd`` is passed to ``cp`` so that a lock on it (the scratch directory's flock) stays held until
     ``cp`` exits, even if we die first.
     """
+    if os.geteuid() == 0:
+        _cp(src, dst, hold_fd)
+        return
+    # Not root: modes of the source change for the copy's duration; copies from the same source (two images
+    # on one base) take turns, so that none gives modes back while another still reads.
+    lock = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        closed = _open_for_reading(os.fspath(src))
+        try:
+            _cp(src, dst, hold_fd)
+        finally:
+            # Innermost first (parents were found before children): a closed directory must not hide them.
+            for rel, mode in reversed(closed):
+                for top in (src, dst):
+                    try:
+                        os.chmod(os.path.join(top, rel), mode)
+                    except FileNotFoundError:
+                        pass
+    finally:
+        os.close(lock)
+
+
+def _open_for_reading(root: str) -> list[tuple[str, int]]:
+    """Not root: give u+r to files and u+rx to directories under ``root`` that lack them (RHEL ships
+    ``usr/bin/sudo`` 4111, ``etc/shadow`` 0000), so that ``cp`` can read them; returns (relative path, mode)
+    of each, to be given back. Symlinks are not followed (lstat; chmod only on files and directories)."""
+    changed: list[tuple[str, int]] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel)) as it:
+            entries = list(it)
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            mode = stat.S_IMODE(st.st_mode)
+            crel = os.path.join(rel, entry.name)
+            if stat.S_ISDIR(st.st_mode):
+                if mode & 0o500 != 0o500:
+                    os.chmod(entry.path, mode | 0o500)
+                    changed.append((crel, mode))
+                stack.append(crel)
+            elif stat.S_ISREG(st.st_mode) and not mode & 0o400:
+                os.chmod(entry.path, mode | 0o400)
+                changed.append((crel, mode))
+    return changed
+
+
+def _cp(src: str | os.PathLike[str], dst: str | os.PathLike[str], hold_fd: int) -> None:
     proc = subprocess.run(
         ["cp", "-a", "--reflink=auto", "-T", "--", os.fspath(src), os.fspath(dst)],
         stdin=subprocess.DEVNULL,
