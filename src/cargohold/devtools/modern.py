@@ -144,14 +144,14 @@ def nested_index() -> SampleGraph:
                        blobs=tuple(blobs))
 
 
-def foreign_layer_image(*, oci: bool = False) -> SampleGraph:
+def foreign_layer_image(*, oci: bool = False, url: str = FOREIGN_URL) -> SampleGraph:
     """An image whose base layer is foreign (``urls`` elsewhere, the blob also in the registry), as Windows
     base images are served: Docker's foreign layer type, or with ``oci`` OCI's non-distributable one."""
     img = build_image([tar_layer(e) for e in foreign_layer_entries()], docker=not oci,
                       layer_media_types=[mt.OCI_LAYER_NONDIST_GZIP if oci else mt.DOCKER_LAYER_FOREIGN_GZIP,
                                          mt.OCI_LAYER_GZIP if oci else mt.DOCKER_LAYER_GZIP])
     doc = json.loads(img.manifest.data)
-    doc["layers"][0]["urls"] = [FOREIGN_URL]
+    doc["layers"][0]["urls"] = [url]
     manifest = Blob(media_type=img.manifest.media_type, data=_json(doc), platform=img.platform)
     return SampleGraph(root=manifest, manifests=(), blobs=tuple(img.blobs))
 

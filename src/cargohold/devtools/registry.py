@@ -96,6 +96,8 @@ def registry_config(
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
         "http": {"addr": f"127.0.0.1:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
+        # Foreign / non-distributable layers carry urls; without an allow list the registry refuses them all.
+        "validation": {"manifests": {"urls": {"allow": ["^https?://"]}}},
     }
     if tls is not None:
         config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from cargohold.content.store import ContentStore, Provider
-from cargohold.errors import UnsupportedMediaTypeError
 from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
@@ -50,9 +49,7 @@ def children(provider: Provider) -> Handler:
                 return list(doc.manifests)
             return [doc.config, *doc.layers]
         if desc.media_type in mt.SCHEMA1_TYPES:
-            raise UnsupportedMediaTypeError(
-                f"{desc.describe()}: Docker image manifest schema1 is not supported"
-            )
+            raise kinds.schema1_error(desc.describe())
         return []
 
     return handle

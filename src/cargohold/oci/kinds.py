@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 
+from cargohold.errors import UnsupportedMediaTypeError
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 
@@ -64,3 +65,11 @@ def attests(desc: Descriptor) -> str:
 def is_manifest_like(media_type: str) -> bool:
     """A manifest or an index: content that has children."""
     return mt.is_manifest(media_type) or mt.is_index(media_type)
+
+
+def schema1_error(what: str) -> UnsupportedMediaTypeError:
+    """The one error for a Docker schema 1 manifest wherever it is met (resolve, index entry, parse)."""
+    return UnsupportedMediaTypeError(
+        f"{what}: Docker image manifest schema 1 is not supported, convert it to schema 2 or OCI "
+        "(push the image again with a current docker or buildkit)"
+    )
