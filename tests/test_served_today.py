@@ -21,13 +21,20 @@ import pytest
 import urllib3
 
 import test_cri
+from cargohold.client import Client
 from cargohold.devtools import modern
 from cargohold.devtools.modern import SampleGraph
 from cargohold.devtools.registry import RegistryProcess, push_blob, push_manifest
 from cargohold.devtools.samples import Entry
+from cargohold.errors import NotFoundError
+from cargohold.images.image import manifest_for
+from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
+from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
-from cargohold.oci.platform import Platform, host_platform
+from cargohold.oci.kinds import Kind
+from cargohold.oci.manifest import Index
+from cargohold.oci.platform import Platform, PlatformMatcher, host_platform
 from support.cli import cli
 from test_cri import CONFIG, CRI, make_root
 from treeutil import expected_tree, read_tree
@@ -315,3 +322,42 @@ def test_schema1_index_entry_is_refused_clearly(registry: RegistryProcess, tmp_p
         assert "Traceback" not in proc.stderr
     # The runnable platform beside it still pulls.
     cli(root, "pull", "--platform", "linux/arm64", ref)
+
+
+def test_index_entries_are_classified_in_one_place() -> None:
+    graph = modern.buildkit_index()
+    index = Index.parse(graph.root.data, graph.root.media_type)
+    assert [kinds.classify(d) for d in index.manifests] == [Kind.IMAGE, Kind.IMAGE, Kind.ATTESTATION,
+                                                            Kind.ATTESTATION]
+    assert [kinds.attests(d) for d in index.manifests[2:]] == [str(d.digest) for d in index.manifests[:2]]
+    nested = Index.parse(modern.nested_index().root.data)
+    assert [kinds.classify(d) for d in nested.manifests] == [Kind.INDEX, Kind.IMAGE]
+    other = Descriptor(media_type="application/vnd.example.thing+json", digest=graph.digest, size=1)
+    assert kinds.classify(other) is Kind.UNKNOWN
+    old = Descriptor(media_type=mt.DOCKER_MANIFEST_SCHEMA1_SIGNED, digest=graph.digest, size=1)
+    assert kinds.classify(old) is Kind.SCHEMA1
+    unknown_platform = Descriptor(media_type=mt.OCI_MANIFEST, digest=graph.digest, size=1,
+                                  platform=Platform(os="unknown", architecture="unknown"))
+    assert kinds.classify(unknown_platform) is Kind.ARTIFACT and not kinds.is_runnable(unknown_platform)
+
+
+def test_attestations_are_never_a_platform_even_when_asked_for(registry: RegistryProcess, tmp_path: Path) -> None:
+    graph = modern.buildkit_index()
+    modern.push_graph(registry.url, "att", "v1", graph)
+    ref = f"{registry.host}/att:v1"
+    root = tmp_path / "root"
+    proc = cli(root, "pull", "--platform", "unknown/unknown", ref, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"index {graph.digest}: no manifest for platform" in proc.stderr
+    assert "available: linux/amd64, linux/arm64)" in proc.stderr
+    # With every platform pulled, a matcher accepting unknown/unknown still resolves no attestation.
+    client = Client(root)
+    try:
+        client.pull(ref, all_platforms=True, unpack=False)
+        with pytest.raises(NotFoundError, match="no manifest for platform"):
+            manifest_for(client.content, client.image(ref).target,
+                         PlatformMatcher([Platform(os="unknown", architecture="unknown")]))
+        assert client.check(ref, all_platforms=True).manifests == tuple(
+            b.descriptor for b in graph.manifests[:2])
+    finally:
+        client.close()

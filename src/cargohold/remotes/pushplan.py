@@ -25,6 +25,7 @@ from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
+from cargohold.oci.kinds import Kind
 from cargohold.oci.manifest import Index
 from cargohold.oci.platform import PlatformMatcher
 from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
@@ -100,6 +101,8 @@ def plan_push(
                 kids = _children(source, desc)
                 height = 1 + max((visit(k, desc) for k in kids), default=0)
         elif parent is not None and mt.is_index(parent.media_type):
+            if kinds.classify(desc) is Kind.SCHEMA1:
+                raise kinds.schema1_error(f"index {parent.digest}: entry {desc.digest}")
             raise UnsupportedMediaTypeError(
                 f"index {parent.digest}: entry {desc.describe()} is neither a manifest nor an index"
             )
