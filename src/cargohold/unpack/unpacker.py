@@ -37,9 +37,11 @@ from cargohold.errors import (
     FailedPreconditionError,
     NeedsParentsError,
     NotFoundError,
+    UnsupportedMediaTypeError,
 )
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.image import ResolvedManifest
+from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.snapshots.base import Kind, Snapshotter
@@ -116,6 +118,13 @@ class Unpacker:
         chains = resolved.chain_ids
         if not layers:
             raise FailedPreconditionError(f"manifest {resolved.descriptor.digest}: no layers to unpack")
+        for layer in layers:
+            # Walks carry blobs of unknown types as opaque content; only unpacking needs them to be layers.
+            if not mt.is_layer(layer.media_type):
+                raise UnsupportedMediaTypeError(
+                    f"manifest {resolved.descriptor.digest}: unsupported media type {layer.media_type!r} of "
+                    f"layer {layer.digest}: not an image layer, cannot unpack"
+                )
         committed = [threading.Event() for _ in layers]
         failed = threading.Event()
         outcomes: list[LayerOutcome | None] = [None] * len(layers)
