@@ -223,7 +223,9 @@ def whole_graph_verbs(seeded: Seeded, registry: RegistryProcess, root: Path, tmp
     copy to every kind of destination: the index digest and every blob (attestations included) are kept."""
     case, graph, ref = seeded.case, seeded.graph, seeded.ref
     want = expected_tree(case.layers())
-    cli(root, "pull", "--all-platforms", ref)
+    pulled = json.loads(cli(root, "pull", "--all-platforms", ref, "--output", "json").stdout)
+    assert sorted(pulled["manifests"]) == sorted(str(b.digest) for b in graph.all_blobs
+                                                 if kinds.is_runnable(b.descriptor))
     if case.other is not None:
         plat, layers = case.other
         cli(root, "rootfs", "--platform", plat, ref, str(tmp_path / "altflat"))
