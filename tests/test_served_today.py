@@ -365,6 +365,13 @@ def test_attestations_are_never_a_platform_even_when_asked_for(registry: Registr
                          PlatformMatcher([Platform(os="unknown", architecture="unknown")]))
         assert client.check(ref, all_platforms=True).manifests == tuple(
             b.descriptor for b in graph.manifests[:2])
+        # push --platform: every runnable platform asked for sends the index whole, attestations with it;
+        # one platform sends just its manifest.
+        both = client.push(f"{registry.host}/att-both:v1", ref, platforms=["linux/amd64", "linux/arm64"])
+        assert both.target.digest == graph.digest
+        assert manifest_digest(registry, "att-both", "v1") == str(graph.digest)
+        one = client.push(f"{registry.host}/att-one:v1", ref, platforms=["linux/arm64"])
+        assert one.target.digest == graph.manifests[1].digest
     finally:
         client.close()
 
