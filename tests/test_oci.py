@@ -95,9 +95,9 @@ def test_index_and_shape_detection_without_media_type() -> None:
 
 def test_schema1_is_refused_clearly() -> None:
     raw = json.dumps({"schemaVersion": 1, "name": "x", "tag": "y", "fsLayers": []}).encode()
-    with pytest.raises(UnsupportedMediaTypeError, match="schema1 is not supported"):
+    with pytest.raises(UnsupportedMediaTypeError, match="schema 1 is not supported, convert it"):
         parse_manifest_or_index(raw, mt.DOCKER_MANIFEST_SCHEMA1_SIGNED)
-    with pytest.raises(UnsupportedMediaTypeError, match="schema1 is not supported"):
+    with pytest.raises(UnsupportedMediaTypeError, match="schema 1 is not supported, convert it"):
         parse_manifest_or_index(raw)
 
 

@@ -208,7 +208,7 @@ def test_schema1_is_refused_clearly(registry: RegistryProcess, fault_proxy: Prox
             "Docker-Content-Digest": str(Digest.from_bytes(b"x")),
         },
     )
-    with pytest.raises(UnsupportedMediaTypeError, match=r"old/app:v1: .*schema1 is not supported"):
+    with pytest.raises(UnsupportedMediaTypeError, match=r"old/app:v1: .*schema 1 is not supported, convert it"):
         Resolver().resolve(f"{proxy.host}/old/app:v1")
 
 

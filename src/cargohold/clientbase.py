@@ -50,6 +50,7 @@ from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB, utcnow
 from cargohold.metadata.gc import GCResult, collect
 from cargohold.metadata.images import Image, ImageStore
 from cargohold.metadata.leases import LeaseStore, snapshot_kind
+from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.artifact import is_image, not_runnable_message
 from cargohold.oci.descriptor import Descriptor
@@ -192,7 +193,7 @@ class ClientBase:
 
             def fetch(desc: Descriptor) -> Sequence[Descriptor]:
                 fetch_one(desc)
-                if mt.is_manifest(desc.media_type):
+                if kinds.is_runnable(desc):  # an attestation is fetched as content, not one of the image's manifests
                     with record:
                         manifests.append(desc)
                 return []

@@ -16,6 +16,7 @@ from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client, default_root
 from cargohold.config import find_config
 from cargohold.errors import CargoholdError, InvalidArgumentError
+from cargohold.images.entries import index_entries, summarize
 from cargohold.metadata.images import Image
 from cargohold.oci.digest import Digest
 from cargohold.snapshots import available_snapshotters
@@ -188,17 +189,22 @@ def images_ls(state: State, quiet: bool, output: str) -> None:
     """List images."""
     client = state.client()
     imgs = client.list_images()
-    if output == "json":
-        emit_json([_image_json(client, i) for i in imgs])
-        return
-    if quiet:
+    if quiet and output != "json":
         for i in imgs:
             click.echo(i.name)
         return
+    summaries = [summarize(client.content, i.target) for i in imgs]
+    if output == "json":
+        emit_json([{**_image_json(client, i), "platforms": list(s.platforms), "attestations": s.attestations}
+                   for i, s in zip(imgs, summaries, strict=True)])
+        return
     rows = []
-    for i in imgs:
-        rows.append([i.name, _kind(i.target.media_type), str(i.target.digest)])
-    table(["REF", "TYPE", "DIGEST"], rows)
+    for i, summary in zip(imgs, summaries, strict=True):
+        plats = ",".join(summary.platforms) or "-"
+        if summary.attestations:
+            plats += f" (+{summary.attestations} attestation{'s' if summary.attestations != 1 else ''})"
+        rows.append([i.name, _kind(i.target.media_type), str(i.target.digest), plats])
+    table(["REF", "TYPE", "DIGEST", "PLATFORMS"], rows)
 
 
 def _kind(media_type: str) -> str:
@@ -218,6 +224,9 @@ def images_inspect(state: State, name: str, platform: str | None, output: str) -
     image = client.image(name)
     resolved = client.resolve_manifest(name, platform)
     info = _image_json(client, image)
+    entries = index_entries(client.content, image.target)
+    if entries:
+        info["entries"] = [e.to_json() for e in entries]
     info["manifest"] = {
         "digest": str(resolved.descriptor.digest),
         "media_type": resolved.manifest.media_type,
@@ -237,6 +246,8 @@ def images_inspect(state: State, name: str, platform: str | None, output: str) -
         return
     click.echo(f"name:      {image.name}")
     click.echo(f"digest:    {image.target.digest} ({image.target.media_type})")
+    for e in entries:
+        click.echo(f"{'entry:':<11}{'  ' * e.depth}{e.descriptor.digest} {e.describe()}")
     click.echo(f"manifest:  {resolved.descriptor.digest} ({resolved.config.platform})")
     click.echo(f"config:    {resolved.manifest.config.digest} ({resolved.manifest.config.media_type})")
     click.echo(f"size:      {human_size(resolved.size)}")

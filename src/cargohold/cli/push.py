@@ -37,9 +37,13 @@ def push_json(result: PushResult) -> dict[str, Any]:
 
 
 def push_summary(result: PushResult) -> str:
+    skipped = ""
+    if result.skipped:  # say which layers the registry will not have (use --allow-nondistributable)
+        skipped = (f"; {len(result.skipped)} non-distributable skipped: "
+                   f"{', '.join(str(d.digest) for d in result.skipped)}")
     return (f"{result.name}: {result.target.digest} ({len(result.pushed)} pushed, "
             f"{human_size(result.pushed_bytes)}; {len(result.mounted)} mounted; "
-            f"{len(result.existing)} already there)")
+            f"{len(result.existing)} already there{skipped})")
 
 
 def register(cli: click.Group) -> None:

@@ -82,8 +82,10 @@ def registry_config(
     token: TokenAuth | None = None,
     tls: tuple[Path, Path] | None = None,
     tls_client_ca: Path | None = None,
+    schema1: bool = False,
 ) -> str:
-    """The YAML config of a loopback registry with filesystem storage and deletes enabled."""
+    """The YAML config of a loopback registry with filesystem storage and deletes enabled (``schema1``:
+    accept and serve signed Docker schema 1 manifests)."""
     if htpasswd is not None and token is not None:
         raise ValueError("registry config: choose htpasswd or token auth, not both")
     config: dict[str, Any] = {
@@ -96,7 +98,11 @@ def registry_config(
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
         "http": {"addr": f"127.0.0.1:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
+        # Foreign / non-distributable layers carry urls; without an allow list the registry refuses them all.
+        "validation": {"manifests": {"urls": {"allow": ["^https?://"]}}},
     }
+    if schema1:
+        config["compatibility"] = {"schema1": {"enabled": True}}
     if tls is not None:
         config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
         if tls_client_ca is not None:
@@ -190,6 +196,7 @@ def start_registry(
     log_path: Path | None = None,
     tls: tuple[Path, Path] | None = None,
     tls_client_ca: Path | None = None,
+    schema1: bool = False,
 ) -> RegistryProcess:
     """Start a registry storing under ``tmpdir/storage``; return once ``GET /v2/`` answers (200 or 401).
 
@@ -210,7 +217,8 @@ def start_registry(
         config_path = tmpdir / "config.yml"
         config_path.write_text(
             registry_config(
-                storage, chosen, htpasswd=htpasswd, token=token, tls=tls, tls_client_ca=tls_client_ca
+                storage, chosen, htpasswd=htpasswd, token=token, tls=tls, tls_client_ca=tls_client_ca,
+                schema1=schema1,
             )
         )
         with open(log_path, "ab") as log:

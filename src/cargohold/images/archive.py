@@ -20,9 +20,11 @@ from typing import TypeVar
 from cargohold.content.store import Provider
 from cargohold.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cargohold.images.image import walk_required
+from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
+from cargohold.oci.kinds import Kind
 from cargohold.oci.manifest import Index
 from cargohold.oci.platform import Platform, PlatformMatcher, host_platform
 from cargohold.oci.reference import Reference
@@ -126,11 +128,12 @@ class Selection:
 def choose_children(index: Index, where: Descriptor, platforms: Sequence[Platform], all_platforms: bool
                     ) -> list[Descriptor]:
     """An index's children to keep: all of them with ``all_platforms``; else, for each platform, its best
-    manifest, plus nested indexes. NotFoundError names a platform no manifest serves."""
+    manifest, plus nested indexes (attestations and other non-runnable manifests are never chosen by a
+    platform). NotFoundError names a platform no manifest serves."""
     if all_platforms:
         return list(index.manifests)
     kept: list[Descriptor] = [d for d in index.manifests if mt.is_index(d.media_type)]
-    manifests = [d for d in index.manifests if mt.is_manifest(d.media_type)]
+    manifests = [d for d in index.manifests if kinds.classify(d) in (Kind.IMAGE, Kind.SCHEMA1)]
     if manifests and all(d.platform is None for d in manifests):
         return kept + manifests  # a list without platforms: nothing to choose by
     for wanted in platforms:

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from cargohold.content.store import ContentStore, Provider
-from cargohold.errors import UnsupportedMediaTypeError
+from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.kinds import Kind
 from cargohold.oci.manifest import Index, Manifest, parse_manifest_or_index
 from cargohold.oci.platform import PlatformMatcher
 
@@ -37,7 +38,8 @@ def read_manifest_or_index(provider: Provider, desc: Descriptor) -> Manifest | I
 def children(provider: Provider) -> Handler:
     """Children of a descriptor read from the store: an index's manifests, a manifest's config and layers.
 
-    Configs and layers have no children. Any other media type is an error naming the descriptor.
+    Configs, layers and media types not understood (in-toto statements, artifact blobs) have no children,
+    as containerd's images.Children: they are carried as opaque blobs. Schema 1 is an error naming it.
     """
 
     def handle(desc: Descriptor) -> Sequence[Descriptor]:
@@ -47,11 +49,7 @@ def children(provider: Provider) -> Handler:
                 return list(doc.manifests)
             return [doc.config, *doc.layers]
         if desc.media_type in mt.SCHEMA1_TYPES:
-            raise UnsupportedMediaTypeError(
-                f"{desc.describe()}: Docker image manifest schema1 is not supported"
-            )
-        if mt.is_config(desc.media_type) or mt.is_layer(desc.media_type):
-            return []
+            raise kinds.schema1_error(desc.describe())
         return []
 
     return handle
@@ -88,19 +86,22 @@ def set_children_labels(store: ContentStore, handler: Handler) -> Handler:
 
 
 def filter_platforms(handler: Handler, matcher: PlatformMatcher | None) -> Handler:
-    """Keep an index's children that match the platforms (those without a platform are kept)."""
+    """Keep an index's children that match the platforms (those without a platform are kept). Attestations
+    and other non-runnable manifests are dropped: a platform never selects them."""
 
     def handle(desc: Descriptor) -> Sequence[Descriptor]:
         kids = handler(desc)
         if matcher is None or not mt.is_index(desc.media_type):
             return kids
-        return [k for k in kids if k.platform is None or matcher.match(k.platform)]
+        return [k for k in kids if kinds.classify(k) in (Kind.IMAGE, Kind.INDEX, Kind.SCHEMA1)
+                and (k.platform is None or matcher.match(k.platform))]
 
     return handle
 
 
 def limit_manifests(handler: Handler, matcher: PlatformMatcher, limit: int = 1) -> Handler:
-    """Of an index's manifests, keep the ``limit`` best platform matches (nested indexes pass through)."""
+    """Of an index's manifests, keep the ``limit`` best platform matches (nested indexes pass through;
+    attestations and other non-runnable manifests are dropped)."""
 
     def handle(desc: Descriptor) -> Sequence[Descriptor]:
         kids = handler(desc)
@@ -109,11 +110,12 @@ def limit_manifests(handler: Handler, matcher: PlatformMatcher, limit: int = 1) 
         ranked = []
         others = []
         for i, kid in enumerate(kids):
-            if mt.is_manifest(kid.media_type):
+            kind = kinds.classify(kid)
+            if kind in (Kind.IMAGE, Kind.SCHEMA1):  # a chosen schema 1 entry fails clearly when read
                 rank = matcher.rank(kid.platform)
                 if rank is not None:
                     ranked.append((rank, i, kid))
-            else:
+            elif kind is Kind.INDEX:
                 others.append(kid)
         ranked.sort(key=lambda t: (t[0], t[1]))
         return [k for _, _, k in ranked[:limit]] + others

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from cargohold.content.store import Provider
 from cargohold.errors import InvalidArgumentError, NotFoundError, UnsupportedMediaTypeError
 from cargohold.images.handlers import read_manifest_or_index
+from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.artifact import is_image, not_runnable_message
 from cargohold.oci.config import ImageConfig, chain_ids
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
+from cargohold.oci.kinds import Kind
 from cargohold.oci.manifest import Index, Manifest
 from cargohold.oci.platform import PlatformMatcher
 
@@ -51,27 +53,40 @@ def manifest_for(provider: Provider, target: Descriptor, matcher: PlatformMatche
 
 
 def _best_in_index(provider: Provider, index: Index, matcher: PlatformMatcher, where: Descriptor) -> Descriptor:
-    candidates: list[tuple[int, int, Descriptor]] = []
+    return _ranked_in_index(provider, index, matcher, where)[1]
+
+
+def _ranked_in_index(provider: Provider, index: Index, matcher: PlatformMatcher, where: Descriptor
+                     ) -> tuple[int, Descriptor, Descriptor]:
+    """The best runnable manifest for ``matcher`` and its rank, nested indexes followed (a nested index's
+    best competes with the outer entries by its own rank). Attestations and other non-runnable manifests are
+    never candidates, whatever the matcher accepts. Returns (rank, manifest, the entry of ``index`` leading
+    to it)."""
+    candidates: list[tuple[int, int, Descriptor, Descriptor]] = []
     for i, desc in enumerate(index.manifests):
-        if mt.is_index(desc.media_type):
+        kind = kinds.classify(desc)
+        if kind is Kind.INDEX:
             try:
-                inner = manifest_for(provider, desc, matcher)
+                doc = read_manifest_or_index(provider, desc)
+                if isinstance(doc, Index):
+                    inner_rank, inner, _ = _ranked_in_index(provider, doc, matcher, desc)
+                    candidates.append((inner_rank, i, inner, desc))
             except NotFoundError:
                 continue
-            candidates.append((0, i, inner))
             continue
-        if not mt.is_manifest(desc.media_type):
+        if kind not in (Kind.IMAGE, Kind.SCHEMA1):  # a chosen schema 1 entry fails clearly when read
             continue
         rank = matcher.rank(desc.platform) if desc.platform is not None else None
         if rank is not None:
-            candidates.append((rank, i, desc))
+            candidates.append((rank, i, desc, desc))
     if not candidates:
-        available = ", ".join(str(d.platform) for d in index.manifests if d.platform is not None) or "none"
+        available = ", ".join(str(d.platform) for d in index.manifests
+                              if d.platform is not None and kinds.is_runnable(d)) or "none"
         raise NotFoundError(
             f"index {where.digest}: no manifest for platform {matcher} (available: {available})"
         )
     candidates.sort(key=lambda t: (t[0], t[1]))
-    return candidates[0][2]
+    return candidates[0][0], candidates[0][2], candidates[0][3]
 
 
 def resolve_manifest(provider: Provider, target: Descriptor, matcher: PlatformMatcher, *, name: str = ""
@@ -140,7 +155,9 @@ def walk_required(provider: Provider, target: Descriptor, matcher: PlatformMatch
     def by_matcher(index: Index, where: Descriptor) -> Sequence[Descriptor]:
         if matcher is None:
             return index.manifests
-        return [_best_in_index(provider, index, matcher, where)] if _has_match(index, matcher) else []
+        if not _has_match(index, matcher):
+            return []
+        return [_ranked_in_index(provider, index, matcher, where)[2]]  # a nested index is walked in turn
 
     pick = choose or by_matcher
 
@@ -159,7 +176,8 @@ def walk_required(provider: Provider, target: Descriptor, matcher: PlatformMatch
             for kid in pick(doc, desc):
                 visit(kid)
         else:
-            manifests.append(desc)
+            if kinds.is_runnable(desc):  # an attestation is required content, not one of the image's manifests
+                manifests.append(desc)
             visit(doc.config)
             for layer in doc.layers:
                 visit(layer)
@@ -170,7 +188,8 @@ def walk_required(provider: Provider, target: Descriptor, matcher: PlatformMatch
 
 
 def _has_match(index: Index, matcher: PlatformMatcher) -> bool:
-    return any(mt.is_index(d.media_type) or matcher.match(d.platform) for d in index.manifests)
+    return any(mt.is_index(d.media_type) or (kinds.classify(d) in (Kind.IMAGE, Kind.SCHEMA1)
+                                             and matcher.match(d.platform)) for d in index.manifests)
 
 
 def provider_has(provider: Provider, digest: Digest) -> bool:

@@ -11,6 +11,7 @@ from cargohold.errors import InvalidArgumentError, UnsupportedMediaTypeError
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
+from cargohold.oci.kinds import schema1_error
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 
@@ -97,10 +98,7 @@ class Index:
 def _check_type(data: dict[str, Any], declared: str, allowed: frozenset[str], where: str) -> str:
     inner = data.get("mediaType", "")
     if data.get("schemaVersion") == 1 or inner in mt.SCHEMA1_TYPES or declared in mt.SCHEMA1_TYPES:
-        raise UnsupportedMediaTypeError(
-            f"{where}: Docker image manifest schema1 is not supported (deprecated since 2017); "
-            "re-push the image with a current docker or use its schema2 tag"
-        )
+        raise schema1_error(where)
     media_type = declared or inner
     if not media_type:
         # OCI allows omitting mediaType; decide from the shape.

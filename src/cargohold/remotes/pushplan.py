@@ -20,9 +20,12 @@ from cargohold.errors import (
 )
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.handlers import dispatch, read_manifest_or_index
+from cargohold.images.image import manifest_for
+from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
+from cargohold.oci.kinds import Kind
 from cargohold.oci.manifest import Index
 from cargohold.oci.platform import PlatformMatcher
 from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
@@ -99,6 +102,8 @@ def plan_push(
                 kids = _children(source, desc)
                 height = 1 + max((visit(k, desc) for k in kids), default=0)
         elif parent is not None and mt.is_index(parent.media_type):
+            if kinds.classify(desc) is Kind.SCHEMA1:
+                raise kinds.schema1_error(f"index {parent.digest}: entry {desc.digest}")
             raise UnsupportedMediaTypeError(
                 f"index {parent.digest}: entry {desc.describe()} is neither a manifest nor an index"
             )
@@ -131,15 +136,15 @@ def _children(source: PushSource, desc: Descriptor) -> list[Descriptor]:
 
 
 def _choose(source: PushSource, root: Descriptor, matcher: PlatformMatcher) -> Descriptor:
+    """The index whole when every runnable manifest in it matches (attestations ride along), else the best
+    matching manifest (through nested indexes)."""
     index = Index.parse(source.read_all(root.digest), root.media_type, where=root.describe())
-    manifests = list(index.manifests)
-    ranked = [(rank, i, m) for i, m in enumerate(manifests)
-              if mt.is_manifest(m.media_type) and (rank := matcher.rank(m.platform)) is not None]
-    if not ranked:
-        raise NotFoundError(f"index {root.digest}: no manifest for platform {matcher}")
-    if len(ranked) == len(manifests):
+    entries = list(index.manifests)
+    runnable = [m for m in entries if kinds.is_runnable(m)]
+    if runnable and len(runnable) + sum(kinds.is_attestation(m) for m in entries) == len(entries) and all(
+            matcher.rank(m.platform) is not None for m in runnable):
         return root
-    return min(ranked, key=lambda t: (t[0], t[1]))[2]
+    return manifest_for(source, root, matcher)
 
 
 # -- the walk ------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from cargohold.errors import (
     UnsupportedMediaTypeError,
 )
 from cargohold.events import Event, EventSink, discard
+from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
@@ -47,10 +48,7 @@ def _is_manifest_type(media_type: str) -> bool:
 
 
 def _schema1_error(what: str) -> UnsupportedMediaTypeError:
-    return UnsupportedMediaTypeError(
-        f"{what}: Docker image manifest schema1 is not supported; push the image again with a current "
-        "docker or buildkit (schema2/OCI)"
-    )
+    return kinds.schema1_error(what)
 
 
 def _too_large(what: str, size: int, limit: int) -> InvalidArgumentError:
