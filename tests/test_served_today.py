@@ -23,7 +23,7 @@ import urllib3
 
 import test_cri
 from cargohold.client import Client
-from cargohold.devtools import modern, schema1
+from cargohold.devtools import artifacts, corners, modern, rhel_like, schema1
 from cargohold.devtools.modern import SampleGraph
 from cargohold.devtools.registry import RegistryProcess, push_blob, push_manifest
 from cargohold.devtools.samples import Entry, gzip_bytes, small_base_layer
@@ -56,11 +56,18 @@ class Case:
     build: Callable[[str], SampleGraph]  # given the url foreign layers claim (a loopback listener)
     layers: Callable[[], Sequence[Sequence[Entry]]]
     platforms: tuple[str, ...]
+    # The expected tree when entry lists cannot express it (hand-built tars), and how to read a real one.
+    tree: Callable[[], dict[str, object]] | None = None
+    read: Callable[[Path], dict[str, object]] = read_tree
     attestations: int = 0
     entry_kinds: tuple[tuple[int, str, str], ...] = ()  # (depth, kind, platform) per index entry
     other: tuple[str, Callable[[], Sequence[Sequence[Entry]]]] | None = None
     foreign: bool = False  # has non-distributable layers: push skips them
     every_verb: bool = True  # False: only the whole-graph verbs (a media-type variant of another case)
+
+    def want(self) -> dict[str, object]:
+        """The host platform's expected rootfs."""
+        return self.tree() if self.tree is not None else expected_tree(self.layers())
 
 
 CASES = [
@@ -78,6 +85,14 @@ CASES = [
          platforms=("linux/amd64",), foreign=True),
     Case(name="nondist", build=lambda url: modern.foreign_layer_image(oci=True, url=url),
          layers=modern.foreign_layer_entries, platforms=("linux/amd64",), foreign=True, every_verb=False),
+    # Tar corners (sparse files, long and non-UTF-8 names, repeats, late dirs, a symlink climbing past the root)
+    # in multi-member gzip blobs; their tree is listed by devtools.corners (entry lists cannot express it).
+    Case(name="corners", build=lambda _: modern.image_graph(corners.corner_image()),
+         layers=lambda: [[] for _ in corners.corner_layers()], tree=corners.corner_tree,
+         read=corners.tree_listing, platforms=("linux/amd64",)),
+    # RHEL/UBI-shaped: read-only directories written into by the next layer, devices, foreign owners.
+    Case(name="rhel", build=lambda _: modern.image_graph(rhel_like.rootless_sample()),
+         layers=rhel_like.rootless_entries, platforms=("linux/amd64",)),
 ]
 
 _http = urllib3.PoolManager()
@@ -176,7 +191,7 @@ def test_every_verb(seeded: Seeded, registry: RegistryProcess, tmp_path: Path) -
 def default_platform_verbs(seeded: Seeded, root: Path, tmp_path: Path) -> None:
     """pull (default), images ls/inspect/check, rootfs, mount, unpack, export (default)."""
     case, graph, ref = seeded.case, seeded.graph, seeded.ref
-    want = expected_tree(case.layers())
+    want, read = case.want(), case.read
     pulled = json.loads(cli(root, "pull", ref, "--output", "json").stdout)
     assert pulled["digest"] == str(graph.digest)
 
@@ -198,12 +213,12 @@ def default_platform_verbs(seeded: Seeded, root: Path, tmp_path: Path) -> None:
 
     flat = tmp_path / "flat"
     cli(root, "rootfs", ref, str(flat))
-    assert read_tree(flat) == want
+    assert read(flat) == want
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cli(root, "mount", ref, str(mnt))
     try:
-        assert read_tree(mnt) == want
+        assert read(mnt) == want
     finally:
         cli(root, "unmount", str(mnt))
     unpacked = json.loads(cli(root, "unpack", "--snapshotter", "native", ref, "--output", "json").stdout)
@@ -222,7 +237,7 @@ def whole_graph_verbs(seeded: Seeded, registry: RegistryProcess, root: Path, tmp
     """pull --all-platforms, check --all-platforms, rootfs --platform, export --all-platforms, import, push,
     copy to every kind of destination: the index digest and every blob (attestations included) are kept."""
     case, graph, ref = seeded.case, seeded.graph, seeded.ref
-    want = expected_tree(case.layers())
+    want, read = case.want(), case.read
     pulled = json.loads(cli(root, "pull", "--all-platforms", ref, "--output", "json").stdout)
     assert sorted(pulled["manifests"]) == sorted(str(b.digest) for b in graph.all_blobs
                                                  if kinds.is_runnable(b.descriptor))
@@ -254,7 +269,7 @@ def whole_graph_verbs(seeded: Seeded, registry: RegistryProcess, root: Path, tmp
     assert json.loads(cli(other, "images", "check", "--all-platforms", imported["images"][0]["name"],
                           "--output", "json").stdout)[0]["status"] == "complete"
     cli(other, "rootfs", imported["images"][0]["name"], str(tmp_path / "imported"))
-    assert read_tree(tmp_path / "imported") == want
+    assert read(tmp_path / "imported") == want
 
     pushed = json.loads(cli(root, "push", f"{registry.host}/pushed/{case.name}:v1", ref,
                             "--output", "json").stdout)
@@ -295,7 +310,7 @@ def test_cri_pull_image(seeded: Seeded, start_cri: Callable[[Path], CRI], tmp_pa
     assert listed[0].id == image_id
     mnt = tmp_path / "flat"
     cri.client.rootfs(ref, mnt)
-    assert read_tree(mnt) == expected_tree(case.layers())
+    assert case.read(mnt) == case.want()
 
 
 SCHEMA1 = json.dumps({"schemaVersion": 1, "name": "old", "tag": "v1", "architecture": "amd64",
@@ -399,3 +414,21 @@ def test_schema1_served_by_a_registry_is_refused_clearly(make_registry: Callable
         cri.pull(ref)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "schema 1 is not supported, convert it" in str(info.value.details())
+
+
+def test_cri_pull_of_an_artifact_says_it_is_not_runnable(registry: RegistryProcess, tmp_path: Path,
+                                                        start_cri: Callable[[Path], CRI]) -> None:
+    """CRI PullImage of an OCI 1.1 artifact: INVALID_ARGUMENT saying it is not a runnable image; nothing listed."""
+    img = modern.platform_image("linux/amd64")
+    for blob in img.blobs:
+        push_blob(registry.url, "art", blob.data)
+    push_manifest(registry.url, "art", "v1", img.manifest.data, img.manifest.media_type)
+    sbom = artifacts.sbom_artifact(img.manifest.descriptor)
+    artifacts.push_artifact(registry.url, "art", "sbom", sbom)
+    ref = f"{registry.host}/art:sbom"
+    cri = start_cri(make_root(tmp_path, CONFIG))
+    with pytest.raises(grpc.RpcError) as info:
+        cri.pull(ref)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{ref}: not a runnable image: an artifact of type {sbom.artifact_type}" in str(info.value.details())
+    assert cri.list() == []

@@ -12,9 +12,9 @@ from __future__ import annotations
 from cargohold.devtools.samples import Entry, SampleImage, build_image, tar_layer
 
 
-def rootless_layers() -> tuple[bytes, bytes]:
-    """The two uncompressed layer tars."""
-    first = tar_layer([
+def rootless_entries() -> tuple[list[Entry], list[Entry]]:
+    """The entries of the two layers, in order."""
+    first = [
         Entry(path="usr", kind="dir", mode=0o755),
         Entry(path="usr/bin", kind="dir", mode=0o555),
         Entry(path="usr/bin/ls", data=b"#!/bin/true ls\n", mode=0o755),
@@ -35,14 +35,20 @@ def rootless_layers() -> tuple[bytes, bytes]:
         Entry(path="opt", kind="dir", mode=0o755),
         Entry(path="opt/ro", kind="dir", mode=0o555),
         Entry(path="opt/ro/conf", data=b"version 1\n", mode=0o444),
-    ])
-    second = tar_layer([
+    ]
+    second = [
         Entry(path="usr/bin/new", data=b"#!/bin/true new\n", mode=0o755),
         Entry(path="usr/bin/.wh.old"),
         Entry(path="opt/ro", kind="dir", mode=0o555),
         Entry(path="opt/ro/conf", data=b"version 2, longer\n", mode=0o444),
-    ])
+    ]
     return first, second
+
+
+def rootless_layers() -> tuple[bytes, bytes]:
+    """The two uncompressed layer tars."""
+    first, second = rootless_entries()
+    return tar_layer(first), tar_layer(second)
 
 
 def rootless_sample() -> SampleImage:
