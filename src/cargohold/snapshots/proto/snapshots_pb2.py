@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from cargohold.snapshots.proto import mount_pb2 as cargohold_dot_snapshots_dot_proto_dot_mount__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)cargohold/snapshots/proto/snapshots.proto\x12 containerd.services.snapshots.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%cargohold/snapshots/proto/mount.proto\"\xcf\x01\n\x16PrepareSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12T\n\x06labels\x18\x04 \x03(\x0b\x32\x44.containerd.services.snapshots.v1.PrepareSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x17PrepareSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"\xc9\x01\n\x13ViewSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12Q\n\x06labels\x18\x04 \x03(\x0b\x32\x41.containerd.services.snapshots.v1.ViewSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x14ViewSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"1\n\rMountsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"9\n\x0eMountsResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"9\n\x15RemoveSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\xcb\x01\n\x15\x43ommitSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12S\n\x06labels\x18\x04 \x03(\x0b\x32\x43.containerd.services.snapshots.v1.CommitSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x13StatSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\xad\x02\n\x04Info\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x34\n\x04kind\x18\x03 \x01(\x0e\x32&.containerd.services.snapshots.v1.Kind\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x42\n\x06labels\x18\x06 \x03(\x0b\x32\x32.containerd.services.snapshots.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x14StatSnapshotResponse\x12\x34\n\x04info\x18\x01 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info\"\x93\x01\n\x15UpdateSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x34\n\x04info\x18\x02 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"N\n\x16UpdateSnapshotResponse\x12\x34\n\x04info\x18\x01 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info\"<\n\x14ListSnapshotsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x02 \x03(\t\"M\n\x15ListSnapshotsResponse\x12\x34\n\x04info\x18\x01 \x03(\x0b\x32&.containerd.services.snapshots.v1.Info\"0\n\x0cUsageRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"-\n\rUsageResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x0e\n\x06inodes\x18\x02 \x01(\x03\"%\n\x0e\x43leanupRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t*8\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04VIEW\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\r\n\tCOMMITTED\x10\x03\x32\xd3\x08\n\tSnapshots\x12~\n\x07Prepare\x12\x38.containerd.services.snapshots.v1.PrepareSnapshotRequest\x1a\x39.containerd.services.snapshots.v1.PrepareSnapshotResponse\x12u\n\x04View\x12\x35.containerd.services.snapshots.v1.ViewSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.ViewSnapshotResponse\x12k\n\x06Mounts\x12/.containerd.services.snapshots.v1.MountsRequest\x1a\x30.containerd.services.snapshots.v1.MountsResponse\x12Y\n\x06\x43ommit\x12\x37.containerd.services.snapshots.v1.CommitSnapshotRequest\x1a\x16.google.protobuf.Empty\x12Y\n\x06Remove\x12\x37.containerd.services.snapshots.v1.RemoveSnapshotRequest\x1a\x16.google.protobuf.Empty\x12u\n\x04Stat\x12\x35.containerd.services.snapshots.v1.StatSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.StatSnapshotResponse\x12{\n\x06Update\x12\x37.containerd.services.snapshots.v1.UpdateSnapshotRequest\x1a\x38.containerd.services.snapshots.v1.UpdateSnapshotResponse\x12y\n\x04List\x12\x36.containerd.services.snapshots.v1.ListSnapshotsRequest\x1a\x37.containerd.services.snapshots.v1.ListSnapshotsResponse0\x01\x12h\n\x05Usage\x12..containerd.services.snapshots.v1.UsageRequest\x1a/.containerd.services.snapshots.v1.UsageResponse\x12S\n\x07\x43leanup\x12\x30.containerd.services.snapshots.v1.CleanupRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)cargohold/snapshots/proto/snapshots.proto\x12 containerd.services.snapshots.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%cargohold/snapshots/proto/mount.proto\"\xcf\x01\n\x16PrepareSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12T\n\x06labels\x18\x04 \x03(\x0b\x32\x44.containerd.services.snapshots.v1.PrepareSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x17PrepareSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"\xc9\x01\n\x13ViewSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12Q\n\x06labels\x18\x04 \x03(\x0b\x32\x41.containerd.services.snapshots.v1.ViewSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x14ViewSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"1\n\rMountsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"9\n\x0eMountsResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"9\n\x15RemoveSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\xdb\x01\n\x15\x43ommitSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12S\n\x06labels\x18\x04 \x03(\x0b\x32\x43.containerd.services.snapshots.v1.CommitSnapshotRequest.LabelsEntry\x12\x0e\n\x06parent\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x13StatSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\xad\x02\n\x04Info\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x34\n\x04kind\x18\x03 \x01(\x0e\x32&.containerd.services.snapshots.v1.Kind\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x42\n\x06labels\x18\x06 \x03(\x0b\x32\x32.containerd.services.snapshots.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x14StatSnapshotResponse\x12\x34\n\x04info\x18\x01 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info\"\x93\x01\n\x15UpdateSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x34\n\x04info\x18\x02 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"N\n\x16UpdateSnapshotResponse\x12\x34\n\x04info\x18\x01 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info\"<\n\x14ListSnapshotsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x02 \x03(\t\"M\n\x15ListSnapshotsResponse\x12\x34\n\x04info\x18\x01 \x03(\x0b\x32&.containerd.services.snapshots.v1.Info\"0\n\x0cUsageRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"-\n\rUsageResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x0e\n\x06inodes\x18\x02 \x01(\x03\"%\n\x0e\x43leanupRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t*8\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04VIEW\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\r\n\tCOMMITTED\x10\x03\x32\xd3\x08\n\tSnapshots\x12~\n\x07Prepare\x12\x38.containerd.services.snapshots.v1.PrepareSnapshotRequest\x1a\x39.containerd.services.snapshots.v1.PrepareSnapshotResponse\x12u\n\x04View\x12\x35.containerd.services.snapshots.v1.ViewSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.ViewSnapshotResponse\x12k\n\x06Mounts\x12/.containerd.services.snapshots.v1.MountsRequest\x1a\x30.containerd.services.snapshots.v1.MountsResponse\x12Y\n\x06\x43ommit\x12\x37.containerd.services.snapshots.v1.CommitSnapshotRequest\x1a\x16.google.protobuf.Empty\x12Y\n\x06Remove\x12\x37.containerd.services.snapshots.v1.RemoveSnapshotRequest\x1a\x16.google.protobuf.Empty\x12u\n\x04Stat\x12\x35.containerd.services.snapshots.v1.StatSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.StatSnapshotResponse\x12{\n\x06Update\x12\x37.containerd.services.snapshots.v1.UpdateSnapshotRequest\x1a\x38.containerd.services.snapshots.v1.UpdateSnapshotResponse\x12y\n\x04List\x12\x36.containerd.services.snapshots.v1.ListSnapshotsRequest\x1a\x37.containerd.services.snapshots.v1.ListSnapshotsResponse0\x01\x12h\n\x05Usage\x12..containerd.services.snapshots.v1.UsageRequest\x1a/.containerd.services.snapshots.v1.UsageResponse\x12S\n\x07\x43leanup\x12\x30.containerd.services.snapshots.v1.CleanupRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMITSNAPSHOTREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_INFO_LABELSENTRY']._loaded_options = None
   _globals['_INFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_KIND']._serialized_start=2082
-  _globals['_KIND']._serialized_end=2138
+  _globals['_KIND']._serialized_start=2098
+  _globals['_KIND']._serialized_end=2154
   _globals['_PREPARESNAPSHOTREQUEST']._serialized_start=215
   _globals['_PREPARESNAPSHOTREQUEST']._serialized_end=422
   _globals['_PREPARESNAPSHOTREQUEST_LABELSENTRY']._serialized_start=377
@@ -64,31 +64,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVESNAPSHOTREQUEST']._serialized_start=871
   _globals['_REMOVESNAPSHOTREQUEST']._serialized_end=928
   _globals['_COMMITSNAPSHOTREQUEST']._serialized_start=931
-  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=1134
+  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=1150
   _globals['_COMMITSNAPSHOTREQUEST_LABELSENTRY']._serialized_start=377
   _globals['_COMMITSNAPSHOTREQUEST_LABELSENTRY']._serialized_end=422
-  _globals['_STATSNAPSHOTREQUEST']._serialized_start=1136
-  _globals['_STATSNAPSHOTREQUEST']._serialized_end=1191
-  _globals['_INFO']._serialized_start=1194
-  _globals['_INFO']._serialized_end=1495
+  _globals['_STATSNAPSHOTREQUEST']._serialized_start=1152
+  _globals['_STATSNAPSHOTREQUEST']._serialized_end=1207
+  _globals['_INFO']._serialized_start=1210
+  _globals['_INFO']._serialized_end=1511
   _globals['_INFO_LABELSENTRY']._serialized_start=377
   _globals['_INFO_LABELSENTRY']._serialized_end=422
-  _globals['_STATSNAPSHOTRESPONSE']._serialized_start=1497
-  _globals['_STATSNAPSHOTRESPONSE']._serialized_end=1573
-  _globals['_UPDATESNAPSHOTREQUEST']._serialized_start=1576
-  _globals['_UPDATESNAPSHOTREQUEST']._serialized_end=1723
-  _globals['_UPDATESNAPSHOTRESPONSE']._serialized_start=1725
-  _globals['_UPDATESNAPSHOTRESPONSE']._serialized_end=1803
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1805
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1865
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1867
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1944
-  _globals['_USAGEREQUEST']._serialized_start=1946
-  _globals['_USAGEREQUEST']._serialized_end=1994
-  _globals['_USAGERESPONSE']._serialized_start=1996
-  _globals['_USAGERESPONSE']._serialized_end=2041
-  _globals['_CLEANUPREQUEST']._serialized_start=2043
-  _globals['_CLEANUPREQUEST']._serialized_end=2080
-  _globals['_SNAPSHOTS']._serialized_start=2141
-  _globals['_SNAPSHOTS']._serialized_end=3248
+  _globals['_STATSNAPSHOTRESPONSE']._serialized_start=1513
+  _globals['_STATSNAPSHOTRESPONSE']._serialized_end=1589
+  _globals['_UPDATESNAPSHOTREQUEST']._serialized_start=1592
+  _globals['_UPDATESNAPSHOTREQUEST']._serialized_end=1739
+  _globals['_UPDATESNAPSHOTRESPONSE']._serialized_start=1741
+  _globals['_UPDATESNAPSHOTRESPONSE']._serialized_end=1819
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1821
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1881
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1883
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1960
+  _globals['_USAGEREQUEST']._serialized_start=1962
+  _globals['_USAGEREQUEST']._serialized_end=2010
+  _globals['_USAGERESPONSE']._serialized_start=2012
+  _globals['_USAGERESPONSE']._serialized_end=2057
+  _globals['_CLEANUPREQUEST']._serialized_start=2059
+  _globals['_CLEANUPREQUEST']._serialized_end=2096
+  _globals['_SNAPSHOTS']._serialized_start=2157
+  _globals['_SNAPSHOTS']._serialized_end=3264
 # @@protoc_insertion_point(module_scope)
