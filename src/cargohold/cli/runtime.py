@@ -1,7 +1,8 @@
 """`cargohold` commands: runtime. Never import ``cargohold.cli.main`` here (it runs as __main__).
 
-``serve cri`` runs the CRI image service on a unix socket; ``snapshots prepare`` makes a container rootfs for a
-runtime handler (unpacking the image into that handler's snapshotter first when needed).
+``serve cri`` runs the CRI image service on a unix socket; ``serve snapshots`` serves a local snapshotter to
+containerd as a proxy plugin; ``snapshots prepare`` makes a container rootfs for a runtime handler (unpacking the
+image into that handler's snapshotter first when needed).
 """
 
 from __future__ import annotations
@@ -50,6 +51,29 @@ def serve_cri(state: State, socket_path: Path, namespace: str) -> None:
     finally:
         client.close()
     eprint("cargohold: CRI image service stopped")
+
+
+@serve.command("snapshots")
+@click.option("--snapshotter", "snapshotter", required=True, type=click.Choice(["overlayfs", "native"]),
+              help="The local snapshotter to serve.")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Unix socket to listen on (created with mode 0660; removed on exit).")
+@click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds calls in flight get to finish after SIGTERM/SIGINT.")
+@pass_state
+def serve_snapshots(state: State, snapshotter: str, socket_path: Path, grace: float) -> None:
+    """Serve a snapshotter to containerd (snapshots.v1 gRPC API, a proxy plugin) until SIGTERM or SIGINT.
+
+    containerd's config: [proxy_plugins.cargohold] type = "snapshot" address = SOCKET. Snapshots live in
+    the same store the CLI uses (namespace = containerd's), so `cargohold snapshots ls` shows them.
+    """
+    from cargohold.snapshots.server import serve as serve_socket  # grpc is loaded only for the service
+
+    # No Client: the server needs only the snapshotter and the metadata DB under the root.
+    serve_socket(snapshotter, state.root, socket_path, grace=grace,
+                 ready=lambda server: eprint(f"cargohold: snapshotter {snapshotter} on {server.address} "
+                                             f"(root {server.root})"))
+    eprint("cargohold: snapshotter service stopped")
 
 
 def _mounts_json(mounts: list[Mount]) -> list[dict[str, object]]:

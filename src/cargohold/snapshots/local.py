@@ -110,5 +110,10 @@ class LocalSnapshotter:
     def walk(self, *filters: str) -> Iterator[Info]:
         return self._open().walk(filters)
 
+    def cleanup(self) -> None:
+        """containerd's Cleaner: delete directories no snapshot owns any more (left by removes or creates
+        that a crash interrupted); ``remove`` itself deletes a snapshot's directory at once."""
+        self._open().cleanup()
+
     def close(self) -> None:
         self._closed = True

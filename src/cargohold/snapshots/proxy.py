@@ -13,15 +13,15 @@ the call and name the key or filter. Keys are the daemon's own: a plain remote s
 whatever the namespace (containerd prefixes keys per namespace in its metadata DB; we have no such layer in
 front).
 
-gRPC status codes map back onto cargohold's error kinds in one table (``_KINDS``); every error names the key
-and the socket.
+gRPC status codes map back onto cargohold's error kinds in one table (``cargohold.snapshots.errors``, shared
+with the server); every error names the key and the socket.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -29,15 +29,14 @@ import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from cargohold.errors import (
-    AlreadyExistsError,
     CargoholdError,
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
     UnavailableError,
 )
 from cargohold.metadata.content import validate_labels
 from cargohold.snapshots.base import Info, Kind, Mount, Usage
+from cargohold.snapshots.errors import error_kind
 from cargohold.snapshots.filters import parse_filters
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 
@@ -46,16 +45,6 @@ NAMESPACE_HEADER = "containerd-namespace"
 
 MAX_MESSAGE_SIZE = 16 << 20  # containerd's default gRPC message limit
 MAX_RECONNECT_BACKOFF_MS = 3000  # as containerd's proxy plugins: a restarted daemon is seen again within 3 s
-
-# gRPC status code -> (error kind, the suffix containerd's errdefs leaves on the message for that kind).
-_KINDS: dict[grpc.StatusCode, tuple[type[CargoholdError], str]] = {
-    grpc.StatusCode.NOT_FOUND: (NotFoundError, "not found"),
-    grpc.StatusCode.ALREADY_EXISTS: (AlreadyExistsError, "already exists"),
-    grpc.StatusCode.FAILED_PRECONDITION: (FailedPreconditionError, "failed precondition"),
-    grpc.StatusCode.INVALID_ARGUMENT: (InvalidArgumentError, "invalid argument"),
-    grpc.StatusCode.UNAVAILABLE: (UnavailableError, "unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (UnavailableError, "context deadline exceeded"),
-}
 
 _TO_KIND = {
     snapshots_pb2.VIEW: Kind.VIEW,
@@ -83,9 +72,12 @@ class ProxySnapshotter:
     """
 
     capabilities: frozenset[str] = frozenset()
+    """What the daemon supports beyond containerd 1.6's interface, as configured (containerd's proxy plugin
+    ``capabilities``): "rebase" lets ``commit`` send a parent."""
 
     def __init__(
-        self, name: str, address: str, *, namespace: str, remote: bool = False, timeout: float | None = None
+        self, name: str, address: str, *, namespace: str, remote: bool = False, timeout: float | None = None,
+        capabilities: Iterable[str] = (),
     ) -> None:
         if not name:
             raise InvalidArgumentError(f"proxy snapshotter at {address}: empty name")
@@ -96,6 +88,7 @@ class ProxySnapshotter:
         self.namespace = namespace
         self.address = socket_target(address)
         self.timeout = timeout
+        self.capabilities = frozenset(capabilities)
         self._metadata = ((NAMESPACE_HEADER, namespace),)
         self._channel = grpc.insecure_channel(
             self.address,
@@ -138,7 +131,7 @@ class ProxySnapshotter:
             raise self._closed_error(what) from None
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         detail = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
-        kind, suffix = _KINDS.get(code, (CargoholdError, ""))
+        kind, suffix = error_kind(code)
         if suffix:
             detail = detail.removesuffix(": " + suffix)
         if kind is UnavailableError:
@@ -152,7 +145,7 @@ class ProxySnapshotter:
     def stat(self, key: str) -> Info:
         resp = self._call("Stat", snapshots_pb2.StatSnapshotRequest(snapshotter=self.name, key=key),
                           f"stat snapshot {key}")
-        return _to_info(resp.info)
+        return to_info(resp.info)
 
     def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
         key = info.key
@@ -162,10 +155,10 @@ class ProxySnapshotter:
         validate_labels(_applied_labels(info, fieldpaths), what)
         request = snapshots_pb2.UpdateSnapshotRequest(
             snapshotter=self.name,
-            info=_from_info(info),
+            info=from_info(info),
             update_mask=field_mask_pb2.FieldMask(paths=list(fieldpaths)),
         )
-        return _to_info(self._call("Update", request, what).info)
+        return to_info(self._call("Update", request, what).info)
 
     def usage(self, key: str) -> Usage:
         resp = self._call("Usage", snapshots_pb2.UsageRequest(snapshotter=self.name, key=key),
@@ -175,7 +168,7 @@ class ProxySnapshotter:
     def mounts(self, key: str) -> list[Mount]:
         resp = self._call("Mounts", snapshots_pb2.MountsRequest(snapshotter=self.name, key=key),
                           f"mounts of snapshot {key}")
-        return _to_mounts(resp.mounts)
+        return to_mounts(resp.mounts)
 
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         what = f"prepare snapshot {key}" + (f" on {parent}" if parent else "")
@@ -184,7 +177,7 @@ class ProxySnapshotter:
         request = snapshots_pb2.PrepareSnapshotRequest(
             snapshotter=self.name, key=key, parent=parent, labels=validate_labels(labels or {}, what)
         )
-        return _to_mounts(self._call("Prepare", request, what).mounts)
+        return to_mounts(self._call("Prepare", request, what).mounts)
 
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         what = f"view snapshot {key}" + (f" of {parent}" if parent else "")
@@ -193,14 +186,23 @@ class ProxySnapshotter:
         request = snapshots_pb2.ViewSnapshotRequest(
             snapshotter=self.name, key=key, parent=parent, labels=validate_labels(labels or {}, what)
         )
-        return _to_mounts(self._call("View", request, what).mounts)
+        return to_mounts(self._call("View", request, what).mounts)
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+    def commit(
+        self, name: str, key: str, labels: Mapping[str, str] | None = None, *, parent: str | None = None
+    ) -> None:
+        """containerd's Commit; ``parent`` (only with the "rebase" capability) re-parents the committed
+        snapshot, as containerd 2.x's ``CommitSnapshotRequest.parent``."""
         what = f"commit snapshot {key} as {name}"
         if not name:
             raise InvalidArgumentError(f"commit of snapshot {key}: name must not be empty ({self._where})")
+        if parent is not None and "rebase" not in self.capabilities:
+            raise InvalidArgumentError(
+                f"commit of snapshot {key} with parent {parent}: {self._where} is not configured to rebase"
+            )
         request = snapshots_pb2.CommitSnapshotRequest(
-            snapshotter=self.name, name=name, key=key, labels=validate_labels(labels or {}, what)
+            snapshotter=self.name, name=name, key=key, labels=validate_labels(labels or {}, what),
+            parent=parent or "",
         )
         self._call("Commit", request, what)
 
@@ -218,7 +220,7 @@ class ProxySnapshotter:
         infos: list[Info] = []
         try:
             for resp in stream:
-                infos.extend(_to_info(i) for i in resp.info)
+                infos.extend(to_info(i) for i in resp.info)
         except grpc.RpcError as exc:
             self._raise(exc, what)
         return iter(sorted(infos, key=lambda i: i.key))
@@ -256,7 +258,7 @@ def _from_time(when: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def _to_info(info: snapshots_pb2.Info) -> Info:
+def to_info(info: snapshots_pb2.Info) -> Info:
     return Info(
         key=info.name,
         parent=info.parent,
@@ -268,7 +270,7 @@ def _to_info(info: snapshots_pb2.Info) -> Info:
     )
 
 
-def _from_info(info: Info) -> snapshots_pb2.Info:
+def from_info(info: Info) -> snapshots_pb2.Info:
     return snapshots_pb2.Info(
         name=info.name,
         parent=info.parent,
@@ -279,5 +281,5 @@ def _from_info(info: Info) -> snapshots_pb2.Info:
     )
 
 
-def _to_mounts(mounts: Sequence[mount_pb2.Mount]) -> list[Mount]:
+def to_mounts(mounts: Sequence[mount_pb2.Mount]) -> list[Mount]:
     return [Mount(type=m.type, source=m.source, target=m.target, options=tuple(m.options)) for m in mounts]

@@ -1,0 +1,347 @@
+"""cargohold's snapshotters served to containerd: ``containerd.services.snapshots.v1.Snapshots`` on a unix socket.
+
+containerd loads this as a proxy plugin (``[proxy_plugins.NAME] type = "snapshot" address = SOCKET``). What
+containerd sends, and what this server therefore does:
+
+- The namespace comes only as the gRPC metadata header ``containerd-namespace``; the request's ``snapshotter``
+  field is containerd's name for the plugin and is ignored. One local snapshotter is opened per namespace on
+  first use (cached; closed at stop), so snapshots land in the same rows and directories the CLI uses and
+  ``cargohold --namespace NS snapshots ls`` shows them. A call without the header uses ``default``.
+- Keys arrive already made unique by containerd's metadata layer (``NS/ID/KEY``) and are stored as given, and
+  so are labels (containerd passes ``containerd.io/snapshot.ref`` and ``containerd.io/snapshot/*`` through).
+- Errors become the status codes containerd's errdefs reads back (one table: ``cargohold.snapshots.errors``).
+- ``List`` reports every snapshot with its exact parent: containerd's garbage collector walks it and removes
+  what its own database lacks, children first. ``Cleanup`` deletes directories no snapshot owns.
+- ``Commit`` with ``parent`` (containerd 2.x, only when its config grants the plugin "rebase") re-parents the
+  committed snapshot where the snapshotter can (overlayfs); elsewhere it is INVALID_ARGUMENT.
+
+Every RPC runs on a worker thread; the metadata DB gives each thread its own SQLite connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2
+
+from cargohold.errors import (
+    AlreadyExistsError,
+    CargoholdError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
+from cargohold.snapshots import known_snapshotters, open_snapshotter
+from cargohold.snapshots.base import Info, Mount, Snapshotter
+from cargohold.snapshots.errors import grpc_code
+from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from cargohold.snapshots.proxy import MAX_MESSAGE_SIZE, NAMESPACE_HEADER, from_info, to_info
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o660
+LIST_BATCH = 100
+"""Infos per ``List`` response message (containerd's own server sends batches too)."""
+MAX_SOCKET_PATH = 107  # Linux's sockaddr_un.sun_path holds 108 bytes, the terminating NUL included
+DEFAULT_GRACE = 10.0
+
+R = TypeVar("R")
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
+    if isinstance(exc, CargoholdError):
+        context.abort(grpc_code(exc), str(exc))
+    log.exception("snapshots %s failed", method)
+    context.abort(grpc.StatusCode.UNKNOWN, f"{method}: {type(exc).__name__}: {exc}")
+
+
+def _rpc(method: Callable[..., R]) -> Callable[..., R]:
+    """Run a unary RPC body; cargohold errors abort with their status code, anything else with UNKNOWN."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            _abort(context, method.__name__, exc)
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+def _mounts(mounts: Sequence[Mount]) -> list[mount_pb2.Mount]:
+    return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
+            for m in mounts]
+
+
+class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
+    """The snapshots API over the local snapshotter ``name`` under ``root`` (rows in ``db``)."""
+
+    def __init__(self, name: str, root: Path, db: MetadataDB, *, list_batch: int = LIST_BATCH) -> None:
+        if name not in known_snapshotters():
+            raise InvalidArgumentError(
+                f"unknown snapshotter {name!r} (known: {', '.join(known_snapshotters())})")
+        self.name = name
+        self.root = root
+        self.db = db
+        self.list_batch = list_batch
+        self._lock = threading.Lock()
+        self._open: dict[str, Snapshotter] = {}
+        self._closed = False
+
+    def snapshotter(self, namespace: str) -> Snapshotter:
+        """The snapshotter of ``namespace``, opened on first use."""
+        with self._lock:
+            if self._closed:
+                raise UnavailableError(f"snapshotter {self.name}: the server is stopping")
+            sn = self._open.get(namespace)
+            if sn is None:
+                sn = self._open[namespace] = open_snapshotter(self.name, self.root, self.db, namespace)
+            return sn
+
+    def _sn(self, context: grpc.ServicerContext) -> Snapshotter:
+        namespace = DEFAULT_NAMESPACE
+        for key, value in context.invocation_metadata() or ():
+            if key == NAMESPACE_HEADER:
+                namespace = value if isinstance(value, str) else value.decode()
+        return self.snapshotter(namespace)
+
+    def close(self) -> None:
+        """Close every snapshotter opened; later calls are UNAVAILABLE."""
+        with self._lock:
+            self._closed = True
+            opened, self._open = list(self._open.values()), {}
+        for sn in opened:
+            sn.close()
+
+    # --- the RPCs ----------------------------------------------------------------------------------------
+
+    @_rpc
+    def Prepare(self, request: snapshots_pb2.PrepareSnapshotRequest, context: grpc.ServicerContext
+                ) -> snapshots_pb2.PrepareSnapshotResponse:
+        mounts = self._sn(context).prepare(request.key, request.parent, dict(request.labels))
+        return snapshots_pb2.PrepareSnapshotResponse(mounts=_mounts(mounts))
+
+    @_rpc
+    def View(self, request: snapshots_pb2.ViewSnapshotRequest, context: grpc.ServicerContext
+             ) -> snapshots_pb2.ViewSnapshotResponse:
+        mounts = self._sn(context).view(request.key, request.parent, dict(request.labels))
+        return snapshots_pb2.ViewSnapshotResponse(mounts=_mounts(mounts))
+
+    @_rpc
+    def Mounts(self, request: snapshots_pb2.MountsRequest, context: grpc.ServicerContext
+               ) -> snapshots_pb2.MountsResponse:
+        return snapshots_pb2.MountsResponse(mounts=_mounts(self._sn(context).mounts(request.key)))
+
+    @_rpc
+    def Commit(self, request: snapshots_pb2.CommitSnapshotRequest, context: grpc.ServicerContext
+               ) -> empty_pb2.Empty:
+        sn = self._sn(context)
+        labels = dict(request.labels)
+        if request.parent:  # proto3: "" is "not sent", as containerd reads it
+            commit: Any = sn.commit  # the parent keyword is the local snapshotters' extension
+            if "rebase" not in getattr(sn, "capabilities", frozenset()):
+                raise InvalidArgumentError(
+                    f"commit of snapshot {request.key} with parent {request.parent}: the {self.name} "
+                    "snapshotter cannot rebase")
+            commit(request.name, request.key, labels, parent=request.parent)
+        else:
+            sn.commit(request.name, request.key, labels)
+        return empty_pb2.Empty()
+
+    @_rpc
+    def Remove(self, request: snapshots_pb2.RemoveSnapshotRequest, context: grpc.ServicerContext
+               ) -> empty_pb2.Empty:
+        self._sn(context).remove(request.key)
+        return empty_pb2.Empty()
+
+    @_rpc
+    def Stat(self, request: snapshots_pb2.StatSnapshotRequest, context: grpc.ServicerContext
+             ) -> snapshots_pb2.StatSnapshotResponse:
+        return snapshots_pb2.StatSnapshotResponse(info=from_info(self._sn(context).stat(request.key)))
+
+    @_rpc
+    def Update(self, request: snapshots_pb2.UpdateSnapshotRequest, context: grpc.ServicerContext
+               ) -> snapshots_pb2.UpdateSnapshotResponse:
+        wanted = to_info(request.info)
+        info = Info(key=wanted.key, labels=wanted.labels)
+        updated = self._sn(context).update(info, list(request.update_mask.paths))
+        return snapshots_pb2.UpdateSnapshotResponse(info=from_info(updated))
+
+    def List(self, request: snapshots_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+             ) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
+        # Read (and filters parsed) before the first message: errors abort the call cleanly, and a client
+        # that goes away mid-stream only stops this generator (grpc closes it; nothing is held open).
+        try:
+            infos = [from_info(i) for i in self._sn(context).walk(*request.filters)]
+        except Exception as exc:
+            _abort(context, "List", exc)
+            return
+        for start in range(0, len(infos), self.list_batch):
+            if not context.is_active():
+                log.debug("List: client went away after %d of %d snapshots", start, len(infos))
+                return
+            yield snapshots_pb2.ListSnapshotsResponse(info=infos[start:start + self.list_batch])
+
+    @_rpc
+    def Usage(self, request: snapshots_pb2.UsageRequest, context: grpc.ServicerContext
+              ) -> snapshots_pb2.UsageResponse:
+        usage = self._sn(context).usage(request.key)
+        return snapshots_pb2.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    @_rpc
+    def Cleanup(self, request: snapshots_pb2.CleanupRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
+        sn = self._sn(context)
+        cleanup = getattr(sn, "cleanup", None)
+        if cleanup is not None:
+            cleanup()
+        return empty_pb2.Empty()
+
+
+class SnapshotsServer:
+    """The snapshots service of snapshotter ``name`` under ``root`` on the unix socket ``socket_path``."""
+
+    def __init__(self, name: str, root: Path | str, socket_path: Path | str, *, max_workers: int = 8,
+                 list_batch: int = LIST_BATCH) -> None:
+        self.name = name
+        self.root = Path(root).absolute()
+        self.socket_path = Path(socket_path).absolute()
+        self.max_workers = max_workers
+        self.list_batch = list_batch
+        self._db: MetadataDB | None = None
+        self._service: SnapshotsService | None = None
+        self._server: grpc.Server | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._bound = False
+
+    @property
+    def address(self) -> str:
+        """The gRPC target of the socket (``unix:///path``)."""
+        return f"unix://{self.socket_path}"
+
+    def start(self) -> None:
+        """Bind the socket (mode 0660) and serve. A socket another process serves is an AlreadyExistsError; a
+        stale one (nobody listening) is replaced."""
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+            raise InvalidArgumentError(f"socket {self.socket_path}: path longer than {MAX_SOCKET_PATH} bytes")
+        if self._server is not None:
+            raise FailedPreconditionError(f"socket {self.socket_path}: this server is running already")
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        claim_socket(self.socket_path)
+        try:
+            self._db = MetadataDB(self.root / "metadata.db")
+            self._service = SnapshotsService(self.name, self.root, self._db, list_batch=self.list_batch)
+            # Ours, not grpc's: grpc never shuts its pool down, and each worker holds a database connection.
+            self._pool = futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="snapshots")
+            self._server = server = grpc.server(self._pool, options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+            ])
+            # The generated *_pb2_grpc module has no type hints (grpcio-tools writes no stub for it).
+            snapshots_pb2_grpc.add_SnapshotsServicer_to_server(self._service, server)  # type: ignore[no-untyped-call]
+            old = os.umask(0o117)  # the bind creates the socket: never wider than 0660, even for a moment
+            try:
+                port = server.add_insecure_port(self.address)
+            except RuntimeError as exc:
+                raise UnavailableError(f"socket {self.socket_path}: cannot listen: {exc}") from None
+            finally:
+                os.umask(old)
+            if not port:
+                raise UnavailableError(f"socket {self.socket_path}: cannot listen")
+            self._bound = True
+            os.chmod(self.socket_path, SOCKET_MODE)
+            server.start()
+        except BaseException:
+            self.stop(grace=None)
+            raise
+        log.info("snapshotter %s (root %s) on %s", self.name, self.root, self.address)
+
+    def stop(self, grace: float | None = DEFAULT_GRACE) -> None:
+        """Stop accepting calls, give those in flight ``grace`` seconds (then cancel them and wait for their
+        handlers), close the snapshotters and the DB, and remove the socket if this server bound it."""
+        server, pool, self._server, self._pool = self._server, self._pool, None, None
+        service, db, self._service, self._db = self._service, self._db, None, None
+        bound, self._bound = self._bound, False
+        if server is not None:
+            server.stop(grace).wait()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if service is not None:
+            service.close()
+        if db is not None:
+            db.close()
+        if bound:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                    os.unlink(self.socket_path)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def claim_socket(path: Path) -> None:
+    """Make ``path`` free for a new socket: absent is fine, a stale socket is removed; a socket some process
+    accepts connections on, or a file that is not a socket, is an AlreadyExistsError naming the path."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AlreadyExistsError(f"socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # left by a server that died
+        return
+    except OSError as exc:
+        raise UnavailableError(f"socket {path}: cannot tell whether it is in use: {exc}") from None
+    finally:
+        probe.close()
+    raise AlreadyExistsError(f"socket {path}: another process is serving on it")
+
+
+def serve(name: str, root: Path | str, socket_path: Path | str, *, grace: float = DEFAULT_GRACE,
+          signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+          ready: Callable[[SnapshotsServer], None] | None = None) -> None:
+    """Serve until one of ``signals`` arrives (main thread only), then stop: calls in flight get ``grace``
+    seconds, the socket is removed."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in signals}
+    try:
+        server = SnapshotsServer(name, root, socket_path)
+        server.start()
+        try:
+            if ready is not None:
+                ready(server)
+            while not stopping.wait(0.5):
+                pass
+        finally:
+            server.stop(grace)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
