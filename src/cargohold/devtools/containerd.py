@@ -41,9 +41,10 @@ def tail(log: Path, lines: int = 15) -> str:
         return ""
 
 
-def containerd_config(base: Path) -> str:
+def containerd_config(base: Path, proxy_plugins: Mapping[str, Path | str] | None = None) -> str:
     """A containerd config (TOML) with root ``base/containerd/root``, state ``base/containerd/state`` and the
-    socket ``base/containerd.sock``."""
+    socket ``base/containerd.sock``; ``proxy_plugins`` maps a snapshotter name to the unix socket of a proxy
+    snapshotter (``[proxy_plugins.NAME] type = "snapshot"``)."""
 
     def q(p: Path) -> str:
         return json.dumps(str(p))  # a JSON string is a valid TOML basic string
@@ -61,19 +62,25 @@ def containerd_config(base: Path) -> str:
         '  address = ""',
         "[metrics]",
         '  address = ""',
+        *[line for name, address in (proxy_plugins or {}).items() for line in (
+            f"[proxy_plugins.{json.dumps(name)}]",
+            '  type = "snapshot"',
+            f"  address = {q(Path(address))}",
+        )],
         "",
     ])
 
 
 @contextmanager
-def containerd(base: Path, log: Path, *, env: Mapping[str, str] | None = None, start_timeout: float = 30.0
-               ) -> Iterator[tuple[str, int]]:
+def containerd(base: Path, log: Path, *, env: Mapping[str, str] | None = None, start_timeout: float = 30.0,
+               proxy_plugins: Mapping[str, Path | str] | None = None) -> Iterator[tuple[str, int]]:
     """A private containerd with everything under ``base``; yields (socket, pid). Stopped (TERM, then KILL).
+    ``proxy_plugins``: proxy snapshotters by name -> socket (see ``containerd_config``).
 
     Keep ``base`` short: the socket path must fit in 108 bytes.
     """
     cfg = base / "containerd.toml"
-    cfg.write_text(containerd_config(base))
+    cfg.write_text(containerd_config(base, proxy_plugins))
     sock = str(base / "containerd.sock")
     with open(log, "wb") as out:
         # Own session: a Ctrl-C reaches us, and we stop containerd before its directory goes away.
