@@ -1,14 +1,16 @@
-"""Snapshotter conformance: one suite over native, overlayfs and the gRPC proxy to a real stargz daemon; real
-mounts, processes and files."""
+"""Snapshotter conformance: one suite over native, overlayfs, the gRPC proxy to a real stargz daemon and the gRPC
+proxy to cargohold's own snapshots server; real mounts, processes and files."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +52,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="snapshot tests mount filesystems: needs root")
 
 PROXY = "stargz"  # ProxySnapshotter -> a stargz daemon (containerd's snapshots gRPC API)
-IMPLS = ["native", "overlayfs", PROXY]
+OWN_PROXY = "cargohold-proxy"  # ProxySnapshotter -> cargohold's own snapshots server (overlayfs behind it)
+PROXIES = (PROXY, OWN_PROXY)
+IMPLS = ["native", "overlayfs", PROXY, OWN_PROXY]
 
 
 def local_only(reason: str) -> Callable[[F], F]:
@@ -143,17 +147,41 @@ def _open(name: str, root: Path, db: MetadataDB, namespace: str = "default") -> 
 
 @pytest.fixture(params=IMPLS)
 def sn(request: pytest.FixtureRequest, root: Path, db: MetadataDB) -> Iterator[LocalSnapshotter]:
-    if request.param == PROXY:
+    if request.param in PROXIES:
         reason = getattr(request.function, "local_only", "")
         if reason:
             pytest.skip(f"not for the proxy snapshotter: {reason}")
+    if request.param == PROXY:
         snapshotter = request.getfixturevalue("stargz_daemon").snapshotter()
         yield snapshotter
         snapshotter.close()
         return
+    if request.param == OWN_PROXY:
+        yield from _own_proxy(root)
+        return
     snapshotter = _open(request.param, root, db)
     yield snapshotter
     snapshotter.close()
+
+
+def _own_proxy(root: Path) -> Iterator[Any]:
+    """cargohold's ProxySnapshotter against cargohold's snapshots server (in this process) serving overlayfs
+    under ``root`` on a socket in a short temp dir (socket paths are limited to 107 bytes)."""
+    from cargohold.snapshots.proxy import ProxySnapshotter
+    from cargohold.snapshots.server import SnapshotsServer
+
+    _open("overlayfs", root, MetadataDB(root / "probe.db")).close()  # skips where overlay mounts fail
+    sockdir = Path(tempfile.mkdtemp(prefix="ch-sn-"))
+    server = SnapshotsServer("overlayfs", root / "served", sockdir / "sn.sock")
+    server.start()
+    snapshotter = ProxySnapshotter(OWN_PROXY, str(server.socket_path), namespace="default",
+                                   capabilities={"rebase"})
+    try:
+        yield snapshotter
+    finally:
+        snapshotter.close()
+        server.stop(grace=1)
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _commit_tree(sn: Snapshotter, root: Path, name: str, files: dict[str, str], parent: str = "") -> None:
@@ -346,7 +374,7 @@ def test_usage_counts_bytes_and_inodes(sn: LocalSnapshotter, root: Path) -> None
     with mounted(sn, "c", root) as mnt:
         (mnt / "more").write_bytes(os.urandom(16384))
     child = sn.usage("c")
-    if sn.name in ("overlayfs", PROXY):  # stargz's children are overlays too
+    if sn.name in ("overlayfs", *PROXIES):  # stargz's children are overlays too (and cargohold's served ones)
         # Only the upper dir counts: root dir + "more".
         assert child.inodes == 2 and 16384 <= child.size < 16384 + 3 * 8192
     else:
