@@ -27,7 +27,7 @@ from tests.treeutil import inode_groups, read_tree
 from cargohold.devtools import samples
 from cargohold.devtools.containerd import containerd
 from cargohold.devtools.registry import RegistryProcess, start_registry
-from cargohold.errors import AlreadyExistsError, UnavailableError
+from cargohold.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, UnavailableError
 from cargohold.metadata.db import MetadataDB
 from cargohold.snapshots import SNAPSHOTTERS, Kind, Mount, NativeSnapshotter, open_snapshotter, overlay_supported
 from cargohold.snapshots.proto import snapshots_pb2, snapshots_pb2_grpc
@@ -446,3 +446,46 @@ def test_sigterm_lets_a_call_in_flight_finish_and_removes_the_socket(short: Path
         assert open_snapshotter("native", short / "root", db).stat("in-flight").key == "in-flight"
     finally:
         db.close()
+
+
+def test_proxy_commit_with_parent_rebases_only_when_configured(short: Path) -> None:
+    if not overlay_supported(short):
+        pytest.skip(f"overlay mounts do not work under {short}")
+    with SnapshotsServer("overlayfs", short / "root", short / "s.sock") as server:
+        plain = ProxySnapshotter("t", str(server.socket_path), namespace="default")
+        rebasing = ProxySnapshotter("t", str(server.socket_path), namespace="default", capabilities={"rebase"})
+        try:
+            plain.prepare("base-active")
+            plain.commit("base", "base-active")
+            plain.prepare("layer")  # prepared without its parent, chained at commit
+            with pytest.raises(InvalidArgumentError, match="commit of snapshot layer with parent base: .* not "
+                                                           "configured to rebase"):
+                plain.commit("L", "layer", parent="base")
+            rebasing.commit("L", "layer", parent="base")
+            assert plain.stat("L").parent == "base"
+            plain.prepare("other")
+            with pytest.raises(NotFoundError, match="parent snapshot missing does not exist"):
+                rebasing.commit("O", "other", parent="missing")
+        finally:
+            plain.close()
+            rebasing.close()
+
+
+def test_cleanup_deletes_directories_no_snapshot_owns(short: Path) -> None:
+    with SnapshotsServer("native", short / "root", short / "s.sock") as server:
+        proxy = ProxySnapshotter("t", str(server.socket_path), namespace="default")
+        try:
+            proxy.prepare("kept")
+            proxy.prepare("removed")
+            proxy.remove("removed")
+            dirs = short / "root" / "snapshots" / "native" / "snapshots"
+            # What a crash leaves: a removal renamed away but not deleted, a numbered directory without a row.
+            (dirs / "rm-0123456789abcdef" / "fs").mkdir(parents=True)
+            (dirs / "rm-0123456789abcdef" / "fs" / "data").write_bytes(b"x" * 4096)
+            (dirs / "77" / "fs").mkdir(parents=True)
+            assert sorted(os.listdir(dirs)) == ["1", "77", "rm-0123456789abcdef"]
+            proxy.cleanup()
+            assert os.listdir(dirs) == ["1"]
+            assert [i.key for i in proxy.walk()] == ["kept"]
+        finally:
+            proxy.close()
