@@ -107,6 +107,12 @@ def whiteout_hardlink_image() -> samples.SampleImage:
     return samples.build_image([bottom, top])
 
 
+def served_snapshots(served: Served) -> list[dict[str, Any]]:
+    """``cargohold -n containerd snapshots ls`` of the served root: what containerd made through the plugin."""
+    out = cli(served.root, "-n", "containerd", "snapshots", "--snapshotter", served.snapshotter, "ls", "-o", "json")
+    return list(json.loads(out.stdout))
+
+
 def small_image(n: int) -> samples.SampleImage:
     return samples.build_image([samples.small_base_layer(), samples.files_layer({f"etc/n{n}": str(n).encode()})])
 
@@ -201,7 +207,7 @@ def test_pull_unpacks_through_the_plugin_and_mounts_the_same_tree_as_rootfs(
     lower, top = chain_ids(diff_ids(image))
     assert ctr_snapshots(ns) == {lower: ("", "Committed"), top: (lower, "Committed")}
     # The same snapshots, as cargohold's CLI sees them: containerd's keys (NS/ID/NAME) stored as given.
-    listed = json.loads(cli(served.root, "snapshots", "--snapshotter", served.snapshotter, "ls", "-o", "json").stdout)
+    listed = served_snapshots(served)
     namespace = ns[-1]
     ours = {i["key"]: i for i in listed if i["key"].startswith(namespace + "/")}
     (top_key,) = [k for k in ours if k.endswith("/" + top)]
@@ -239,17 +245,23 @@ def test_image_removal_and_gc_remove_the_snapshots_through_the_plugin(
     samples.push(reg.url, "gc", "v1", image)
     ref = f"{reg.host}/gc:v1"
     ns = fresh_ns(ctr)
+    # cargohold's own image in the same root (its default namespace): containerd's GC must never see it.
+    own = small_image(4)
+    samples.push(reg.url, "own", "v1", own)
+    cli(served.root, "--plain-http", "pull", "--snapshotter", served.snapshotter, f"{reg.host}/own:v1")
+    own_chain = chain_ids(diff_ids(own))
     dirs = served.root / "snapshots" / served.snapshotter / "snapshots"
-    before = set(os.listdir(dirs)) if dirs.exists() else set()
+    before = set(os.listdir(dirs))
     run(*ns, "images", "pull", "--plain-http", "--snapshotter", PLUGIN, ref)
     assert len(ctr_snapshots(ns)) == 2
     assert len(set(os.listdir(dirs)) - before) == 2
 
     run(*ns, "images", "rm", "--sync", ref)  # --sync: containerd's GC has run when it returns
     assert ctr_snapshots(ns) == {}
-    listed = json.loads(cli(served.root, "snapshots", "--snapshotter", served.snapshotter, "ls", "-o", "json").stdout)
-    assert not [i["key"] for i in listed if i["key"].startswith(ns[-1] + "/")]
-    assert set(os.listdir(dirs)) == before
+    assert not [i["key"] for i in served_snapshots(served) if i["key"].startswith(ns[-1] + "/")]
+    assert set(os.listdir(dirs)) == before, "GC left snapshot directories behind, or took others"
+    kept = json.loads(cli(served.root, "snapshots", "--snapshotter", served.snapshotter, "ls", "-o", "json").stdout)
+    assert [i["key"] for i in kept] == sorted(own_chain)
 
 
 @needs_containerd
@@ -331,8 +343,10 @@ def test_errors_map_to_the_codes_containerd_reads_back(short: Path) -> None:
                 grpc.StatusCode.ALREADY_EXISTS
             assert _code(stub.Prepare, snapshots_pb2.PrepareSnapshotRequest(key="")) is \
                 grpc.StatusCode.INVALID_ARGUMENT
-            assert _code(stub.Mounts, snapshots_pb2.MountsRequest(key="a"), namespace="other") is \
-                grpc.StatusCode.NOT_FOUND  # namespaces are the header's
+            # One key space whatever the header (containerd's keys carry its namespace; its GC sends none).
+            assert len(stub.Mounts(snapshots_pb2.MountsRequest(key="a"), metadata=((NAMESPACE_HEADER, "other"),)
+                                   ).mounts) == 1
+            assert len(stub.Mounts(snapshots_pb2.MountsRequest(key="a")).mounts) == 1
             info = stub.Stat(snapshots_pb2.StatSnapshotRequest(key="a"), metadata=md).info
             assert (info.kind, dict(info.labels)) == (snapshots_pb2.ACTIVE, {"containerd.io/snapshot.ref": "x"})
             stub.Commit(snapshots_pb2.CommitSnapshotRequest(name="A", key="a"), metadata=md)
@@ -359,7 +373,7 @@ def test_snapshots_are_shared_with_the_local_snapshotter(short: Path) -> None:
         try:
             proxy.prepare("ns1/1/over-grpc", labels={"containerd.io/snapshot/x": "y"})
             db = MetadataDB(root / "metadata.db")
-            local = open_snapshotter("native", root, db, "ns1")
+            local = open_snapshotter("native", root, db, "containerd")
             local.prepare("made-locally")
             assert [i.key for i in proxy.walk()] == ["made-locally", "ns1/1/over-grpc"]
             assert local.stat("ns1/1/over-grpc").labels == {"containerd.io/snapshot/x": "y"}
@@ -367,7 +381,7 @@ def test_snapshots_are_shared_with_the_local_snapshotter(short: Path) -> None:
             db.close()
         finally:
             proxy.close()
-    listed = cli(root, "--namespace", "ns1", "snapshots", "--snapshotter", "native", "ls").stdout
+    listed = cli(root, "--namespace", "containerd", "snapshots", "--snapshotter", "native", "ls").stdout
     assert "ns1/1/over-grpc" in listed and "made-locally" in listed
 
 
@@ -443,7 +457,7 @@ def test_sigterm_lets_a_call_in_flight_finish_and_removes_the_socket(short: Path
     assert not sock.exists()
     db = MetadataDB(short / "root" / "metadata.db")
     try:
-        assert open_snapshotter("native", short / "root", db).stat("in-flight").key == "in-flight"
+        assert open_snapshotter("native", short / "root", db, "containerd").stat("in-flight").key == "in-flight"
     finally:
         db.close()
 

@@ -58,21 +58,25 @@ def serve_cri(state: State, socket_path: Path, namespace: str) -> None:
               help="The local snapshotter to serve.")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Unix socket to listen on (created with mode 0660; removed on exit).")
+@click.option("--store-namespace", default="containerd", show_default=True,
+              help="cargohold namespace holding every snapshot containerd makes (containerd's namespaces are in "
+                   "its keys). Keep it apart from namespaces with cargohold's own images: containerd's garbage "
+                   "collector removes every snapshot there that its database lacks.")
 @click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds calls in flight get to finish after SIGTERM/SIGINT.")
 @pass_state
-def serve_snapshots(state: State, snapshotter: str, socket_path: Path, grace: float) -> None:
+def serve_snapshots(state: State, snapshotter: str, socket_path: Path, store_namespace: str, grace: float) -> None:
     """Serve a snapshotter to containerd (snapshots.v1 gRPC API, a proxy plugin) until SIGTERM or SIGINT.
 
     containerd's config: [proxy_plugins.cargohold] type = "snapshot" address = SOCKET. Snapshots live in
-    the same store the CLI uses (namespace = containerd's), so `cargohold snapshots ls` shows them.
+    the same store the CLI uses, in namespace --store-namespace: `cargohold -n containerd snapshots ls` shows them.
     """
     from cargohold.snapshots.server import serve as serve_socket  # grpc is loaded only for the service
 
     # No Client: the server needs only the snapshotter and the metadata DB under the root.
-    serve_socket(snapshotter, state.root, socket_path, grace=grace,
+    serve_socket(snapshotter, state.root, socket_path, namespace=store_namespace, grace=grace,
                  ready=lambda server: eprint(f"cargohold: snapshotter {snapshotter} on {server.address} "
-                                             f"(root {server.root})"))
+                                             f"(root {server.root}, namespace {server.namespace})"))
     eprint("cargohold: snapshotter service stopped")
 
 

@@ -3,12 +3,15 @@
 containerd loads this as a proxy plugin (``[proxy_plugins.NAME] type = "snapshot" address = SOCKET``). What
 containerd sends, and what this server therefore does:
 
-- The namespace comes only as the gRPC metadata header ``containerd-namespace``; the request's ``snapshotter``
-  field is containerd's name for the plugin and is ignored. One local snapshotter is opened per namespace on
-  first use (cached; closed at stop), so snapshots land in the same rows and directories the CLI uses and
-  ``cargohold --namespace NS snapshots ls`` shows them. A call without the header uses ``default``.
 - Keys arrive already made unique by containerd's metadata layer (``NS/ID/KEY``) and are stored as given, and
   so are labels (containerd passes ``containerd.io/snapshot.ref`` and ``containerd.io/snapshot/*`` through).
+- One key space: every call lands in one cargohold namespace (``CONTAINERD_NAMESPACE`` unless configured),
+  whatever ``containerd-namespace`` gRPC header it carries. containerd's garbage collector walks the plugin
+  with no header at all and removes every snapshot its database lacks, while calls from inside containerd
+  (its CRI plugin) carry their namespace: splitting by header would hide snapshots from the collector (leaks)
+  or show it cargohold's own (data loss). The namespace is a separate one for that reason, and
+  ``cargohold -n containerd snapshots ls`` shows what containerd made. The request's ``snapshotter`` field is
+  containerd's name for the plugin and is ignored.
 - Errors become the status codes containerd's errdefs reads back (one table: ``cargohold.snapshots.errors``).
 - ``List`` reports every snapshot with its exact parent: containerd's garbage collector walks it and removes
   what its own database lacks, children first. ``Cleanup`` deletes directories no snapshot owns.
@@ -44,12 +47,12 @@ from cargohold.errors import (
     InvalidArgumentError,
     UnavailableError,
 )
-from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
+from cargohold.metadata.db import MetadataDB
 from cargohold.snapshots import known_snapshotters, open_snapshotter
 from cargohold.snapshots.base import Info, Mount, Snapshotter
 from cargohold.snapshots.errors import grpc_code
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
-from cargohold.snapshots.proxy import MAX_MESSAGE_SIZE, NAMESPACE_HEADER, from_info, to_info
+from cargohold.snapshots.proxy import MAX_MESSAGE_SIZE, from_info, to_info
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ LIST_BATCH = 100
 """Infos per ``List`` response message (containerd's own server sends batches too)."""
 MAX_SOCKET_PATH = 107  # Linux's sockaddr_un.sun_path holds 108 bytes, the terminating NUL included
 DEFAULT_GRACE = 10.0
+CONTAINERD_NAMESPACE = "containerd"
+"""The cargohold namespace holding what containerd makes (containerd's namespaces are already in the keys)."""
 
 R = TypeVar("R")
 
@@ -89,43 +94,43 @@ def _mounts(mounts: Sequence[Mount]) -> list[mount_pb2.Mount]:
 
 
 class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
-    """The snapshots API over the local snapshotter ``name`` under ``root`` (rows in ``db``)."""
+    """The snapshots API over the local snapshotter ``name`` under ``root`` (rows in ``db``), all calls in
+    cargohold namespace ``namespace``."""
 
-    def __init__(self, name: str, root: Path, db: MetadataDB, *, list_batch: int = LIST_BATCH) -> None:
+    def __init__(self, name: str, root: Path, db: MetadataDB, *, namespace: str = CONTAINERD_NAMESPACE,
+                 list_batch: int = LIST_BATCH) -> None:
         if name not in known_snapshotters():
             raise InvalidArgumentError(
                 f"unknown snapshotter {name!r} (known: {', '.join(known_snapshotters())})")
+        if not namespace:
+            raise InvalidArgumentError(f"snapshotter {name}: empty namespace to serve")
         self.name = name
         self.root = root
         self.db = db
+        self.namespace = namespace
         self.list_batch = list_batch
         self._lock = threading.Lock()
-        self._open: dict[str, Snapshotter] = {}
+        self._snapshotter: Snapshotter | None = None
         self._closed = False
 
-    def snapshotter(self, namespace: str) -> Snapshotter:
-        """The snapshotter of ``namespace``, opened on first use."""
+    def snapshotter(self) -> Snapshotter:
+        """The served snapshotter, opened on first use (opening cleans up after a crashed predecessor)."""
         with self._lock:
             if self._closed:
                 raise UnavailableError(f"snapshotter {self.name}: the server is stopping")
-            sn = self._open.get(namespace)
-            if sn is None:
-                sn = self._open[namespace] = open_snapshotter(self.name, self.root, self.db, namespace)
-            return sn
+            if self._snapshotter is None:
+                self._snapshotter = open_snapshotter(self.name, self.root, self.db, self.namespace)
+            return self._snapshotter
 
     def _sn(self, context: grpc.ServicerContext) -> Snapshotter:
-        namespace = DEFAULT_NAMESPACE
-        for key, value in context.invocation_metadata() or ():
-            if key == NAMESPACE_HEADER:
-                namespace = value if isinstance(value, str) else value.decode()
-        return self.snapshotter(namespace)
+        return self.snapshotter()
 
     def close(self) -> None:
-        """Close every snapshotter opened; later calls are UNAVAILABLE."""
+        """Close the snapshotter; later calls are UNAVAILABLE."""
         with self._lock:
             self._closed = True
-            opened, self._open = list(self._open.values()), {}
-        for sn in opened:
+            sn, self._snapshotter = self._snapshotter, None
+        if sn is not None:
             sn.close()
 
     # --- the RPCs ----------------------------------------------------------------------------------------
@@ -215,9 +220,10 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
 class SnapshotsServer:
     """The snapshots service of snapshotter ``name`` under ``root`` on the unix socket ``socket_path``."""
 
-    def __init__(self, name: str, root: Path | str, socket_path: Path | str, *, max_workers: int = 8,
-                 list_batch: int = LIST_BATCH) -> None:
+    def __init__(self, name: str, root: Path | str, socket_path: Path | str, *,
+                 namespace: str = CONTAINERD_NAMESPACE, max_workers: int = 8, list_batch: int = LIST_BATCH) -> None:
         self.name = name
+        self.namespace = namespace
         self.root = Path(root).absolute()
         self.socket_path = Path(socket_path).absolute()
         self.max_workers = max_workers
@@ -244,7 +250,8 @@ class SnapshotsServer:
         claim_socket(self.socket_path)
         try:
             self._db = MetadataDB(self.root / "metadata.db")
-            self._service = SnapshotsService(self.name, self.root, self._db, list_batch=self.list_batch)
+            self._service = SnapshotsService(self.name, self.root, self._db, namespace=self.namespace,
+                                             list_batch=self.list_batch)
             # Ours, not grpc's: grpc never shuts its pool down, and each worker holds a database connection.
             self._pool = futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="snapshots")
             self._server = server = grpc.server(self._pool, options=[
@@ -268,7 +275,8 @@ class SnapshotsServer:
         except BaseException:
             self.stop(grace=None)
             raise
-        log.info("snapshotter %s (root %s) on %s", self.name, self.root, self.address)
+        log.info("snapshotter %s (root %s, namespace %s) on %s", self.name, self.root, self.namespace,
+                 self.address)
 
     def stop(self, grace: float | None = DEFAULT_GRACE) -> None:
         """Stop accepting calls, give those in flight ``grace`` seconds (then cancel them and wait for their
@@ -321,7 +329,8 @@ def claim_socket(path: Path) -> None:
     raise AlreadyExistsError(f"socket {path}: another process is serving on it")
 
 
-def serve(name: str, root: Path | str, socket_path: Path | str, *, grace: float = DEFAULT_GRACE,
+def serve(name: str, root: Path | str, socket_path: Path | str, *, namespace: str = CONTAINERD_NAMESPACE,
+          grace: float = DEFAULT_GRACE,
           signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
           ready: Callable[[SnapshotsServer], None] | None = None) -> None:
     """Serve until one of ``signals`` arrives (main thread only), then stop: calls in flight get ``grace``
@@ -333,7 +342,7 @@ def serve(name: str, root: Path | str, socket_path: Path | str, *, grace: float 
 
     previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
-        server = SnapshotsServer(name, root, socket_path)
+        server = SnapshotsServer(name, root, socket_path, namespace=namespace)
         server.start()
         try:
             if ready is not None:
