@@ -34,8 +34,7 @@ def new_unpacker(store: Store, snapshotter: str | None, fetch: FetchFn | None, c
                         executor=executor)
     if lease is not None:
         kind = snapshot_kind(unpacker.snapshotter.name)
-        lease_id = lease
-        unpacker.hold = lambda key: store.leases.add_resource(lease_id, kind, key)
+        unpacker.hold = lambda key: store.leases.add_resource(lease, kind, key)
     return unpacker
 
 
