@@ -22,8 +22,8 @@ from tests.treeutil import read_tree
 from cargohold.client import Client
 from cargohold.devtools import samples
 from cargohold.errors import DigestMismatchError, FailedPreconditionError, InvalidArgumentError, NotFoundError
-from cargohold.images.archive import LABEL_IMPORTED
 from cargohold.metadata.db import utcnow
+from cargohold.metadata.labels import LABEL_IMPORTED
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.digest import Digest
 from cargohold.snapshots.base import Kind

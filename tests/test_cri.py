@@ -25,8 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cargohold.client import Client
-from cargohold.clientops.runtime import PullAuth
+from cargohold.client import Client, PullAuth
 from cargohold.cri.proto import api_pb2 as pb
 from cargohold.cri.proto import api_pb2_grpc as pb_grpc
 from cargohold.cri.server import CRI_NAMESPACE, CRIServer
@@ -45,10 +44,10 @@ from cargohold.errors import (
     UnauthorizedError,
 )
 from cargohold.events import Event
+from cargohold.metadata import labels as L
 from cargohold.oci import mediatypes as mt
 from cargohold.snapshots.base import Kind
 from cargohold.snapshots.mount import mount_all, unmount
-from cargohold.unpack import labels as L
 from support import BasicAuthRegistry, TokenRegistry
 from support.cli import cargohold_cmd, cli
 

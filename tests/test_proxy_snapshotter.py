@@ -29,16 +29,16 @@ from cargohold.errors import (
     NotFoundError,
     UnavailableError,
 )
-from cargohold.snapshots import Info, Kind, Mount, Snapshotter, Usage, open_proxy_snapshotter, with_temp_mount
-from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
-from cargohold.snapshots.proxy import ProxySnapshotter
-from cargohold.unpack.labels import (
+from cargohold.metadata.labels import (
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
     SNAPSHOT_REF,
 )
+from cargohold.snapshots import Info, Kind, Mount, Snapshotter, Usage, open_proxy_snapshotter, with_temp_mount
+from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from cargohold.snapshots.proxy import ProxySnapshotter
 from support.stargz import (  # noqa: F401 (stargz_binary, stargz_daemon: fixtures)
     StargzDaemon,
     mounts_under,

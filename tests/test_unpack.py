@@ -16,9 +16,9 @@ from cargohold.client import Client
 from cargohold.devtools import samples
 from cargohold.devtools.samples import Entry
 from cargohold.errors import DigestMismatchError, UnsafePathError
+from cargohold.metadata import labels as L
 from cargohold.oci import mediatypes as mt
 from cargohold.snapshots.base import Kind
-from cargohold.unpack import labels as L
 from support.cli import cargohold_cmd, cli
 
 SNAPSHOTTERS = ["overlayfs", "native"]
@@ -163,7 +163,7 @@ def test_labels_as_containerd_writes_them(registry, tmp_path: Path) -> None:
             assert len(digests) < 60  # truncated at containerd's label size limit
     for layer, diff_id in zip(img.layers, img.diff_ids, strict=True):
         assert client.content.info(layer.digest).labels[L.UNCOMPRESSED] == str(diff_id)
-    assert client.content.info(img.config.digest).labels[f"{L.GC_REF_SNAPSHOT}.overlayfs"] == str(chain_ids[-1])
+    assert client.content.info(img.config.digest).labels[f"{L.LABEL_GC_REF_SNAPSHOT}.overlayfs"] == str(chain_ids[-1])
 
 
 def test_octet_stream_config_unpacks(registry, tmp_path: Path) -> None:

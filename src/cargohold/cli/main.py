@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from cargohold import __version__
+from cargohold.cli import archive, push, referrers, runtime
 from cargohold.cli.common import State, output_option, pass_state, unpack_json, with_platforms
 from cargohold.cli.output import emit_json, eprint, human_size, table
 from cargohold.cli.progress import ProgressRenderer
@@ -507,15 +508,9 @@ def gc(state: State, dry_run: bool, output: str) -> None:
                f"{len(snaps)} snapshots, {len(report['expired_leases'])} expired leases")
 
 
-def _register() -> None:
-    """Commands that live in their own modules (archives, push, CRI)."""
-    from cargohold.cli import archive, push, referrers, runtime
-
-    for module in (archive, push, referrers, runtime):
-        module.register(cli)
-
-
-_register()
+# Commands that live in their own modules (archives, push, CRI).
+for _module in (archive, push, referrers, runtime):
+    _module.register(cli)
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from cargohold.cli.common import State, output_option, pass_state, with_platform
 from cargohold.cli.output import emit_json, human_size
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client
-from cargohold.clientops.push import PushResult
 from cargohold.remotes.credentials import (
     ChainCredentials,
     CredentialStore,
@@ -18,6 +17,8 @@ from cargohold.remotes.credentials import (
     credentials_for,
     parse_user,
 )
+from cargohold.services.copy import parse_location
+from cargohold.services.push import PushResult
 
 _MIB = 1 << 20
 
@@ -104,7 +105,6 @@ def copy(state: State, src: str, dst: str, platforms: tuple[str, ...], all_platf
     `docker-archive:PATH[:NAME]`) or the local store (`local:NAME`). Without --platform the whole image is
     copied (every platform of an index).
     """
-    from cargohold.clientops.copy import parse_location
 
     with ProgressRenderer(quiet=output == "json") as progress:
         client = _client(state, progress, user=user, src_user=src_user, dest_user=dest_user,

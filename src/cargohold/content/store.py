@@ -16,11 +16,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import BinaryIO, Protocol, Self, runtime_checkable
 
-from cargohold.metadata.gc import LABEL_GC_REF_CONTENT, LABEL_GC_REF_SNAPSHOT, LABEL_GC_ROOT
 from cargohold.oci.digest import Digest
-
-# containerd's garbage-collection labels; defined with the collector that reads them.
-__all__ = ["LABEL_GC_REF_CONTENT", "LABEL_GC_REF_SNAPSHOT", "LABEL_GC_ROOT"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

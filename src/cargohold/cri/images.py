@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cargohold.client import Client
-from cargohold.clientops.runtime import PullAuth, RuntimeImage
+from cargohold.client import Client, PullAuth, RuntimeImage
 from cargohold.cri.proto import api_pb2 as pb
 from cargohold.errors import CargoholdError, InvalidArgumentError
 from cargohold.oci.reference import Reference

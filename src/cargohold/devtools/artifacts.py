@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from cargohold.devtools.registry import push_blob, push_manifest
 from cargohold.devtools.samples import Blob
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.artifact import EMPTY_JSON
@@ -94,8 +95,6 @@ def legacy_config_artifact(subject: Descriptor) -> SampleArtifact:
 def push_artifact(base_url: str, repo: str, tag: str, artifact: SampleArtifact) -> Digest:
     """Seed a registry with an artifact (plain uploads; no referrers tag is written: cargohold's push does
     that). Returns the manifest digest."""
-    from cargohold.devtools.registry import push_blob, push_manifest
-
     for blob in artifact.blobs:
         push_blob(base_url, repo, blob.data)
     return push_manifest(base_url, repo, tag, artifact.manifest.data, artifact.manifest.media_type)

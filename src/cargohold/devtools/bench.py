@@ -42,6 +42,7 @@ from types import FrameType
 from cargohold.devtools import bench_transfer, samples
 from cargohold.devtools.containerd import ContainerdError, containerd
 from cargohold.devtools.containerd import tail as _tail
+from cargohold.devtools.registry import start_registry
 
 MIB = 1 << 20
 REPO, TAG = "bench/layers", "v1"
@@ -413,8 +414,6 @@ def bench(args: argparse.Namespace, say: Say) -> dict[str, object]:
     tools = (args.only,) if args.only else TOOLS
     transfer = not args.no_transfer and not args.only
     _preflight(tools, transfer)
-    from cargohold.devtools.registry import start_registry
-
     work = Path(tempfile.mkdtemp(prefix="cargohold-bench-"))
     (work / "logs").mkdir()
     try:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cargohold.devtools.registry import push_blob, push_manifest
 from cargohold.devtools.samples import Blob, Entry, SampleImage, build_image, tar_layer
 from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
@@ -46,8 +47,6 @@ class SampleGraph:
 
 def push_graph(base_url: str, repo: str, tag: str, graph: SampleGraph) -> Digest:
     """Push a graph with plain uploads (seeding only): blobs, then manifests by digest, the root by tag."""
-    from cargohold.devtools.registry import push_blob, push_manifest
-
     for blob in graph.blobs:
         push_blob(base_url, repo, blob.data)
     for manifest in graph.manifests:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from cargohold.devtools.registry import push_blob, push_manifest
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
@@ -249,8 +250,6 @@ def build_index(images: Sequence[SampleImage], *, docker: bool = False) -> Sampl
 
 def push(base_url: str, repo: str, tag: str, image: SampleImage | SampleIndex) -> Digest:
     """Push an image or index with plain monolithic uploads (seeding only; cargohold's push is separate)."""
-    from cargohold.devtools.registry import push_blob, push_manifest
-
     images = image.images if isinstance(image, SampleIndex) else (image,)
     for img in images:
         for blob in img.blobs:

@@ -35,7 +35,6 @@ OCI_LAYOUT_FILE = "oci-layout"
 OCI_LAYOUT_VERSION = "1.0.0"
 INDEX_FILE = "index.json"
 DOCKER_MANIFEST_FILE = "manifest.json"
-LABEL_IMPORTED = "cargohold.io/imported"
 T = TypeVar("T")
 
 

@@ -25,8 +25,6 @@ import secrets
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from cargohold.content.store import ContentStore
@@ -36,11 +34,9 @@ from cargohold.errors import (
     AlreadyExistsError,
     CargoholdError,
     DigestMismatchError,
-    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     UnsafePathError,
-    UnsupportedMediaTypeError,
 )
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.archive import (
@@ -48,14 +44,11 @@ from cargohold.images.archive import (
     INDEX_FILE,
     OCI_LAYOUT_FILE,
     OCI_LAYOUT_VERSION,
-    ReadArchive,
-    archive_images,
 )
+from cargohold.metadata.labels import UNCOMPRESSED
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest, Verifier
-from cargohold.oci.manifest import Index
-from cargohold.unpack.labels import UNCOMPRESSED
 
 CHUNK = 1 << 20
 # What reading a broken stream raises: tarfile's errors, I/O errors, and our decompressors' InvalidArgumentError.
@@ -351,52 +344,3 @@ def check_layout(contents: Contents, where: str = "archive") -> bool:
             raise InvalidArgumentError(f"{where}: OCI layout without {INDEX_FILE}")
         return True
     return INDEX_FILE in contents.entries
-
-
-def interpret(store: ContentStore, contents: Contents, *, where: str = "archive", base_name: str | None,
-              digests: bool, today: date) -> ReadArchive:
-    """Make sense of what ``read_archive`` found: an OCI layout, or a docker archive (manifests built)."""
-    from cargohold.images.dockerarchive import build_docker_index  # it builds on this module's Contents
-
-    if check_layout(contents, where):
-        fmt = "oci"
-        raw = contents.entries[INDEX_FILE].data
-        assert raw is not None
-    elif DOCKER_MANIFEST_FILE in contents.entries:
-        fmt = "docker"
-        raw = build_docker_index(store, contents)
-    else:
-        raise InvalidArgumentError(
-            f"{where}: not an image archive (no {OCI_LAYOUT_FILE}/{INDEX_FILE} and no {DOCKER_MANIFEST_FILE})")
-    index = Index.parse(raw, where=f"archive entry {INDEX_FILE}")
-    for n, d in enumerate(index.manifests):  # an image's target says what to walk: a blob would pass unchecked
-        if not (mt.is_index(d.media_type) or mt.is_manifest(d.media_type)):
-            raise UnsupportedMediaTypeError(f"archive entry {INDEX_FILE} manifest {n} ({d.digest}): media type "
-                                            f"{d.media_type!r} is neither a manifest nor an index")
-    desc = Descriptor(media_type=index.media_type, digest=Digest.from_bytes(raw), size=len(raw))
-    images = archive_images(index, base_name=base_name, digests=digests, today=today)
-    if not images:
-        raise InvalidArgumentError(f"archive entry {INDEX_FILE}: lists no images")
-    return ReadArchive(format=fmt, index=desc, index_raw=raw, images=tuple(images),
-                       committed=tuple(contents.committed), present=tuple(contents.present),
-                       reused=tuple(contents.reused))
-
-
-def load_archive(store: ContentStore, source: Path | str | BinaryIO, *, base_name: str | None, digests: bool,
-                 today: date, on_event: EventSink = discard) -> ReadArchive:
-    """``read_archive`` then ``interpret``, from a file (opened and closed here) or a binary stream read once,
-    in order; errors name the file (``-`` for a stream)."""
-    if isinstance(source, (str, Path)):
-        where = f"archive {source}"
-        try:
-            stream: BinaryIO = open(source, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise NotFoundError(f"{where}: no such file") from None
-        except OSError as exc:
-            raise FailedPreconditionError(f"{where}: cannot read it: {exc.strerror or exc}") from None
-        with stream:
-            contents = read_archive(store, stream, where=where, on_event=on_event)
-    else:
-        where = "archive -"
-        contents = read_archive(store, source, where=where, on_event=on_event)
-    return interpret(store, contents, where=where, base_name=base_name, digests=digests, today=today)

@@ -19,12 +19,12 @@ from cargohold.diff.compression import Compression, decompress_stream
 from cargohold.errors import DigestMismatchError, InvalidArgumentError
 from cargohold.images.archive import ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DOCKER_MANIFEST_FILE, oci_ref_name
 from cargohold.images.archive_import import Contents, Entry, blob_compression, put_blob
+from cargohold.metadata.labels import UNCOMPRESSED
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.config import ImageConfig
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest, Verifier
 from cargohold.oci.reference import Reference
-from cargohold.unpack.labels import UNCOMPRESSED
 
 _HEX_NAME = re.compile(r"^(?:blobs/sha256/)?([a-f0-9]{64})(?:\.json|\.tar)?$")
 _LAYER_TYPES = {Compression.GZIP: mt.DOCKER_LAYER_GZIP, Compression.ZSTD: mt.DOCKER_LAYER_ZSTD}

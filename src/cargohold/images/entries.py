@@ -12,6 +12,7 @@ from typing import Any
 from cargohold.content.store import Provider
 from cargohold.errors import CargoholdError
 from cargohold.images.handlers import read_manifest_or_index
+from cargohold.images.image import read_config
 from cargohold.oci import kinds
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.kinds import Kind
@@ -104,8 +105,6 @@ def index_entries(provider: Provider, target: Descriptor) -> list[Entry]:
 def summarize(provider: Provider, target: Descriptor, entries: Sequence[Entry] | None = None) -> Summary:
     """Runnable platforms and attestation count; a single manifest's platform comes from its config."""
     if kinds.classify(target) is not Kind.INDEX:
-        from cargohold.images.image import read_config
-
         doc = _read(provider, target)
         if not isinstance(doc, Manifest):
             return Summary(platforms=(), attestations=0)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 
 from cargohold.content.store import ContentStore, Provider
+from cargohold.metadata.labels import LABEL_GC_REF_CONTENT
 from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
@@ -22,8 +24,6 @@ from cargohold.oci.platform import PlatformMatcher
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Descriptor], Sequence[Descriptor]]
-
-GC_REF_CONTENT = "containerd.io/gc.ref.content"
 
 
 class StopWalk(Exception):
@@ -60,14 +60,14 @@ def manifest_children_labels(desc: Descriptor, kids: Sequence[Descriptor]) -> di
     labels: dict[str, str] = {}
     if mt.is_index(desc.media_type):
         for i, kid in enumerate(kids):
-            labels[f"{GC_REF_CONTENT}.m.{i}"] = str(kid.digest)
+            labels[f"{LABEL_GC_REF_CONTENT}.m.{i}"] = str(kid.digest)
     elif mt.is_manifest(desc.media_type):
         layer = 0
         for kid in kids:
-            if mt.is_config(kid.media_type) and f"{GC_REF_CONTENT}.config" not in labels:
-                labels[f"{GC_REF_CONTENT}.config"] = str(kid.digest)
+            if mt.is_config(kid.media_type) and f"{LABEL_GC_REF_CONTENT}.config" not in labels:
+                labels[f"{LABEL_GC_REF_CONTENT}.config"] = str(kid.digest)
             else:
-                labels[f"{GC_REF_CONTENT}.l.{layer}"] = str(kid.digest)
+                labels[f"{LABEL_GC_REF_CONTENT}.l.{layer}"] = str(kid.digest)
                 layer += 1
     return labels
 
@@ -83,6 +83,15 @@ def set_children_labels(store: ContentStore, handler: Handler) -> Handler:
         return kids
 
     return handle
+
+
+def label_children(store: ContentStore, descs: Iterable[Descriptor]) -> None:
+    """Set the GC reference labels on every index and manifest of ``descs``, so what they reference stays
+    (import, export --fetch-missing and copy from an archive, where nothing walked the graph with labels)."""
+    label = set_children_labels(store, children(store))
+    for desc in descs:
+        if mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type):
+            label(desc)
 
 
 def filter_platforms(handler: Handler, matcher: PlatformMatcher | None) -> Handler:
@@ -135,8 +144,12 @@ def compose(*handlers: Handler) -> Handler:
     return handle
 
 
-def dispatch(handler: Handler, roots: Iterable[Descriptor], *, concurrency: int = 3) -> None:
-    """Walk the graph from ``roots``, calling ``handler`` on every descriptor, ``concurrency`` at a time.
+def dispatch(handler: Handler, roots: Iterable[Descriptor], *, executor: Executor | None = None,
+             concurrency: int = 3) -> None:
+    """Walk the graph from ``roots``, calling ``handler`` on every descriptor in ``executor`` (the caller's
+    pool; without one, a pool of ``concurrency`` threads made and shut down here).
+
+    Handlers must not wait on work of the same executor: this call waits from the calling thread only.
 
     A descriptor reached twice (shared layer, shared config) is handled once. The first error stops new
     work from being scheduled, waits for what is running, and is raised.
@@ -146,7 +159,9 @@ def dispatch(handler: Handler, roots: Iterable[Descriptor], *, concurrency: int 
     errors: list[BaseException] = []
     pending: set[Future[Sequence[Descriptor]]] = set()
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="dispatch") as pool:
+    with ExitStack() as stack:
+        pool = executor if executor is not None else stack.enter_context(
+            ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="dispatch"))
 
         def submit(descs: Iterable[Descriptor]) -> None:
             for d in descs:

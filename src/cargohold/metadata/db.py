@@ -49,7 +49,9 @@ class MetadataDB:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []  # every thread's connection, for close()
+        # Every thread's connection with its thread, for close() and to close those of threads that ended:
+        # the count stays bounded by the live threads that used the database.
+        self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._migrate()
 
@@ -69,7 +71,11 @@ class MetadataDB:
             conn = self._connect()
             self._local.conn = conn
             with self._all_lock:
-                self._all.append(conn)
+                ended = [c for t, c in self._all if not t.is_alive()]
+                self._all = [(t, c) for t, c in self._all if t.is_alive()]
+                self._all.append((threading.current_thread(), conn))
+            for old in ended:
+                old.close()
         return conn
 
     def _migrate(self) -> None:
@@ -140,6 +146,6 @@ class MetadataDB:
         """Close every thread's connection (threads still using the database reconnect)."""
         with self._all_lock:
             conns, self._all = self._all, []
-        for conn in conns:
+        for _, conn in conns:
             conn.close()
         self._local.conn = None

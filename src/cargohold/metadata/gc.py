@@ -28,14 +28,12 @@ from typing import Protocol
 
 from cargohold.errors import InvalidArgumentError
 from cargohold.metadata.db import MetadataDB, from_text, load_labels, utcnow
+from cargohold.metadata.labels import LABEL_GC_REF_CONTENT, LABEL_GC_REF_SNAPSHOT, LABEL_GC_ROOT
 from cargohold.metadata.leases import KIND_CONTENT, KIND_SNAPSHOTS
 from cargohold.oci.digest import Digest
 
 log = logging.getLogger(__name__)
 
-LABEL_GC_ROOT = "containerd.io/gc.root"
-LABEL_GC_REF_CONTENT = "containerd.io/gc.ref.content"
-LABEL_GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot"
 
 ContentNode = tuple[str, str]  # (namespace, digest)
 SnapshotNode = tuple[str, str, str]  # (snapshotter, namespace, key)

@@ -10,7 +10,6 @@ DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_LAYER_FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"  # uncompressed, rare but served
 DOCKER_LAYER_ZSTD = "application/vnd.docker.image.rootfs.diff.tar.zstd"
-DOCKER_PLUGIN_CONFIG = "application/vnd.docker.plugin.v1+json"
 # Docker schema1: recognised only to refuse clearly.
 DOCKER_MANIFEST_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_MANIFEST_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
@@ -75,12 +74,3 @@ def is_layer(media_type: str) -> bool:
 
 def is_config(media_type: str) -> bool:
     return media_type in CONFIG_TYPES
-
-
-def layer_compression(media_type: str) -> str:
-    """``gzip``, ``zstd`` or ``none`` as the media type claims it; the bytes have the last word."""
-    if media_type.endswith("gzip"):
-        return "gzip"
-    if media_type.endswith("zstd"):
-        return "zstd"
-    return "none"

@@ -91,9 +91,6 @@ class Reference:
         """What to ask the registry for: the digest when there is one, else the tag."""
         return str(self.digest) if self.digest is not None else self.tag
 
-    def with_digest(self, digest: Digest) -> Reference:
-        return Reference(domain=self.domain, path=self.path, tag=self.tag, digest=digest)
-
     def with_tag(self, tag: str) -> Reference:
         return Reference(domain=self.domain, path=self.path, tag=tag, digest=None)
 
@@ -113,8 +110,3 @@ class Reference:
             if text.startswith("library/"):
                 text = text[len("library/"):]
         return text
-
-
-def normalize(text: str) -> str:
-    """The canonical string of a reference."""
-    return str(Reference.parse(text))

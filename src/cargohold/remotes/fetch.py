@@ -37,11 +37,6 @@ class BlobFetcher(Protocol):
     def fetch(self, desc: Descriptor, *, offset: int = 0) -> ChunkStream: ...
 
 
-DISTRIBUTION_SOURCE = "containerd.io/distribution.source"
-"""Label prefix on blobs: ``<prefix>.<registry host>`` = comma-separated repositories the blob came from (or
-was pushed to), as containerd writes it; pushes use it to mount blobs across repositories."""
-
-
 def ingest_ref(desc: Descriptor) -> str:
     """The ingest ref of a download, after containerd's MakeRefKey: ``layer-<digest>``, ``manifest-...``."""
     mtype = desc.media_type

@@ -21,6 +21,7 @@ from cargohold.errors import (
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.handlers import dispatch, read_manifest_or_index
 from cargohold.images.image import manifest_for
+from cargohold.metadata.labels import DISTRIBUTION_SOURCE
 from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
@@ -28,7 +29,6 @@ from cargohold.oci.digest import Digest
 from cargohold.oci.kinds import Kind
 from cargohold.oci.manifest import Index
 from cargohold.oci.platform import PlatformMatcher
-from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
 from cargohold.remotes.push import (
     DEFAULT_CONCURRENCY,
     Pusher,

@@ -1,24 +1,18 @@
-"""Labels the unpacker writes, with containerd's names and limits."""
+"""The label values the unpacker writes, within containerd's limits (names: ``metadata.labels``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 from cargohold.metadata.content import MAX_LABEL_SIZE
+from cargohold.metadata.labels import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    INHERITED_PREFIX,
+)
 from cargohold.oci.descriptor import Descriptor
-
-SNAPSHOT_REF = "containerd.io/snapshot.ref"
-UNCOMPRESSED = "containerd.io/uncompressed"
-GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot"
-CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-
-# Layer descriptor annotations under this prefix are passed on to the layer's snapshot, as containerd's
-# unpacker does (snapshots.FilterInheritedLabels): e.g. stargz's containerd.io/snapshot/stargz/toc.digest.
-INHERITED_PREFIX = "containerd.io/snapshot/"
-
 
 
 def image_layers_label(layers: Sequence[Descriptor], key: str = CRI_IMAGE_LAYERS) -> str:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +40,12 @@ from cargohold.errors import (
 )
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.image import ResolvedManifest
+from cargohold.metadata.labels import LABEL_GC_REF_SNAPSHOT, SNAPSHOT_REF, UNCOMPRESSED
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.snapshots.base import Kind, Snapshotter
 from cargohold.snapshots.mount import mount_all, unmount
-from cargohold.unpack.labels import GC_REF_SNAPSHOT, SNAPSHOT_REF, UNCOMPRESSED, inherited_labels
+from cargohold.unpack.labels import inherited_labels
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,11 @@ class Unpacker:
         concurrency: int = 3,
         on_event: EventSink | None = None,
         hold: Callable[[str], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.content = content
+        # The owner's pool for layer tasks; without one each unpack makes (and shuts down) its own.
+        self.executor = executor
         # Called with each snapshot name this unpack relies on (e.g. to add it to a GC lease) before use.
         self.hold = hold
         self.snapshotter = snapshotter
@@ -131,8 +135,10 @@ class Unpacker:
 
         # Tasks start in layer order and only wait on earlier layers, so the earliest unfinished layer always
         # has a worker: no deadlock whatever the pool size.
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(layers)),
-                                thread_name_prefix="unpack") as pool:
+        # On a shared FIFO pool the same holds: a task waits only on tasks submitted before it.
+        with contextlib.ExitStack() as stack:
+            pool = self.executor if self.executor is not None else stack.enter_context(
+                ThreadPoolExecutor(max_workers=min(self.concurrency, len(layers)), thread_name_prefix="unpack"))
             futures = [pool.submit(run, i) for i in range(len(layers))]
             errors = []
             for fut in futures:
@@ -304,7 +310,7 @@ class Unpacker:
     def _label_config(self, resolved: ResolvedManifest, top: Digest) -> None:
         config = resolved.manifest.config.digest
         with contextlib.suppress(NotFoundError):
-            self.content.update(config, {f"{GC_REF_SNAPSHOT}.{self.snapshotter.name}": str(top)})
+            self.content.update(config, {f"{LABEL_GC_REF_SNAPSHOT}.{self.snapshotter.name}": str(top)})
 
 
 def _wait(committed: list[threading.Event], index: int, failed: threading.Event) -> None:

@@ -6,8 +6,8 @@ and ``docker-archive:PATH[:NAME]`` are archive files; ``local:NAME`` is an image
 Content always passes through the local content store, under a lease. Only a ``local:`` destination records
 an image; copying between two other ends leaves no image record behind, and what it fetched or read is
 unreferenced once the copy ends (``cargohold gc`` frees it; blobs that other images use stay, of course).
-Archives are read and written with the functions ``ArchiveOps.import_archive`` and ``ArchiveOps.export`` use
-(``images.archive_import``, ``images.archive_export``) rather than those methods, which record images (import)
+Archives are read and written with the functions ``services.archive`` uses (``images.archive_load``,
+``images.archive_export``) rather than its ``import_archive`` and ``export``, which record images (import)
 or read image records (export). Both archive kinds are read whatever their format; both are written the same
 way, as an OCI layout with Docker's ``manifest.json`` (what ``export`` writes). ``NAME`` picks an archive's
 image by full name or by its ``org.opencontainers.image.ref.name``; without it the archive must hold one.
@@ -15,21 +15,22 @@ image by full name or by its ``org.opencontainers.image.ref.name``; without it t
 Platforms: without ``platforms`` the whole image is copied (every manifest of an index, like
 ``skopeo copy --all``). With ``platforms``, the matching manifests are fetched and the destination gets
 what ``push`` makes of them (the index when all of its manifests match, else the best-matching manifest).
+
+Needs: a ``Store``, a resolver, an event sink and the executor walking a registry image's graph.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cargohold.clientops.archive import ArchiveOps
-from cargohold.clientops.push import PushOps, PushResult
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.errors import InvalidArgumentError, NotFoundError
-from cargohold.events import Event
+from cargohold.events import Event, EventSink
 from cargohold.images.archive import (
     ANNOTATION_REF_NAME,
     ArchiveImage,
@@ -39,15 +40,27 @@ from cargohold.images.archive import (
     wanted_platforms,
 )
 from cargohold.images.archive_export import atomic_output, write_archive
-from cargohold.images.archive_import import load_archive
-from cargohold.images.handlers import Handler, children, compose, dispatch, filter_platforms, set_children_labels
+from cargohold.images.archive_load import load_archive
+from cargohold.images.handlers import (
+    Handler,
+    children,
+    compose,
+    dispatch,
+    filter_platforms,
+    label_children,
+    set_children_labels,
+)
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.images import Image
-from cargohold.metadata.leases import LeaseStore
+from cargohold.metadata.labels import LEASE_COPY
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.platform import Platform, PlatformMatcher
 from cargohold.oci.reference import Reference
-from cargohold.remotes.fetch import DISTRIBUTION_SOURCE
+from cargohold.remotes.resolver import Resolver
+from cargohold.remotes.sources import fetch_one, source_label
+from cargohold.services import images
+from cargohold.services.push import PushResult, push_target
+from cargohold.store import Store
 
 REGISTRY = "registry"
 LOCAL = "local"
@@ -161,112 +174,119 @@ class _Source:
     present: tuple[Descriptor, ...] = ()
 
 
-class CopyOps(ArchiveOps, PushOps):
-    """``copy``."""
+def copy(
+    store: Store,
+    src: str,
+    dst: str,
+    *,
+    resolver: Resolver,
+    on_event: EventSink,
+    executor: Executor,
+    platforms: Sequence[Platform | str] = (),
+    all_platforms: bool = False,
+) -> CopyResult:
+    """Copy the image at ``src`` to ``dst`` (see the module docstring for locations and platforms).
 
-    def copy(
-        self,
-        src: str,
-        dst: str,
-        *,
-        platforms: Sequence[Platform | str] = (),
-        all_platforms: bool = False,
-    ) -> CopyResult:
-        """Copy the image at ``src`` to ``dst`` (see the module docstring for locations and platforms).
-
-        Errors: InvalidArgumentError for a location that does not parse; NotFoundError for a source image
-        (or archive file, or name in an archive) that is not there; FailedPreconditionError naming every
-        blob a source lacks.
-        """
-        source, dest = parse_location(src), parse_location(dst)
-        wanted = [] if all_platforms else [p if isinstance(p, Platform) else Platform.parse(p) for p in platforms]
-        what = f"{source} -> {dest}"
-        self.on_event(Event(action="copy", status="running", item=what))
-        with LeaseStore(self.db, self.namespace).hold(labels={"cargohold.io/copy": what[-200:]}) as lease:
-            store = self.content.with_lease(lease.id)
-            if source.kind == REGISTRY:
-                got = self._fetch_content(Reference.parse(source.name), store, wanted)
-            elif source.kind == LOCAL:
-                image = self.image(source.name)
-                got = _Source(root=image.target, name=image.name)
-            else:
-                got = self._read_archive_source(source, store, wanted)
-            result = self._write_dest(source, dest, got, store, wanted)
-        self.on_event(Event(action="copy", status="done", item=what, message=str(result.target.digest)))
-        return result
-
-    # -- sources ---------------------------------------------------------------------------------------------
-
-    def _fetch_content(self, reference: Reference, store: NamespacedStore, wanted: Sequence[Platform]) -> _Source:
-        """Fetch the image's content (an index's manifests for ``wanted``, else all) into ``store``; no image
-        record is written."""
-        self.on_event(Event(action="resolve", status="running", item=str(reference)))
-        _, target = self.resolver.resolve(reference)
-        self.on_event(Event(action="resolve", status="done", item=str(reference), message=str(target.digest)))
-        fetcher = self.resolver.fetcher(reference)
-        labels = {f"{DISTRIBUTION_SOURCE}.{reference.domain}": reference.path}
-        fetched: list[Descriptor] = []
-        present: list[Descriptor] = []
-        lock = threading.Lock()
-
-        def fetch(desc: Descriptor) -> Sequence[Descriptor]:
-            was_fetched = self._fetch_one(fetcher, desc, labels, store)
-            with lock:
-                (fetched if was_fetched else present).append(desc)
-            return []
-
-        matcher = PlatformMatcher(list(wanted)) if wanted else None
-        walk: Handler = filter_platforms(set_children_labels(store, children(store)), matcher)
-        dispatch(compose(fetch, walk), [target], concurrency=self.max_concurrent_downloads)
-        return _Source(root=target, name=str(reference), fetched=tuple(fetched), present=tuple(present))
-
-    def _read_archive_source(self, source: Location, store: NamespacedStore, wanted: Sequence[Platform]
-                             ) -> _Source:
-        """Read an archive file into ``store`` (no image record) and pick its image: the one named, or the
-        only one."""
-        assert source.path is not None
-        archive = load_archive(store, source.path, base_name=None, digests=False, today=utcnow().date(),
-                               on_event=self.on_event)
-        chosen = _pick(archive.images, source)
-        target = Descriptor(media_type=chosen.target.media_type, digest=chosen.target.digest,
-                            size=chosen.target.size)
-        selection = select(store, target, _platforms(wanted), not wanted)
-        require_complete(f"archive {source.path} is incomplete", [(f"image {chosen.names[0]}", selection)])
-        self._label_children(store, [selection])
-        return _Source(root=target, name=chosen.names[0])
-
-    # -- destinations ----------------------------------------------------------------------------------------
-
-    def _write_dest(self, source: Location, dest: Location, got: _Source, store: NamespacedStore,
-                    wanted: Sequence[Platform]) -> CopyResult:
-        push: PushResult | None = None
-        image: Image | None = None
-        archive: Path | None = None
-        target = got.root
-        if dest.kind == REGISTRY:
-            push = self._push_target(Reference.parse(dest.name), got.root, store, what=str(source), platforms=wanted)
-            target = push.target
-        elif dest.kind == LOCAL:
-            now = utcnow()
-            image = self.images.put(Image(name=normalize_name(dest.name), target=got.root, labels={},
-                                          created_at=now, updated_at=now))
+    Errors: InvalidArgumentError for a location that does not parse; NotFoundError for a source image
+    (or archive file, or name in an archive) that is not there; FailedPreconditionError naming every
+    blob a source lacks.
+    """
+    source, dest = parse_location(src), parse_location(dst)
+    wanted = [] if all_platforms else [p if isinstance(p, Platform) else Platform.parse(p) for p in platforms]
+    what = f"{source} -> {dest}"
+    on_event(Event(action="copy", status="running", item=what))
+    with store.leases.hold(labels={LEASE_COPY: what[-200:]}) as lease:
+        content = store.content.with_lease(lease.id)
+        if source.kind == REGISTRY:
+            got = _fetch_content(Reference.parse(source.name), content, wanted, resolver, on_event, executor)
+        elif source.kind == LOCAL:
+            image = images.image(store, source.name)
+            got = _Source(root=image.target, name=image.name)
         else:
-            archive = self._write_archive_dest(dest, got, store, wanted)
-        return CopyResult(source=str(source), destination=str(dest), target=target, fetched=got.fetched,
-                          present=got.present, push=push, image=image, archive=archive)
+            got = _read_archive_source(source, content, wanted, on_event)
+        result = _write_dest(store, source, dest, got, content, wanted, resolver, on_event)
+    on_event(Event(action="copy", status="done", item=what, message=str(result.target.digest)))
+    return result
 
-    def _write_archive_dest(self, dest: Location, got: _Source, store: NamespacedStore, wanted: Sequence[Platform]
-                            ) -> Path:
-        """Write the image as an archive (OCI layout + docker manifest.json, for either archive kind), named
-        ``dest.name`` or the source's name. The image record is built in memory, never stored."""
-        assert dest.path is not None
-        image = Image(name=normalize_name(dest.name or got.name), target=got.root)
-        platforms = _platforms(wanted)
-        selection = select(store, got.root, platforms, not wanted)
-        require_complete(f"copy to {dest}", [(f"image {got.name}", selection)])
-        with atomic_output(dest.path) as out:
-            write_archive(store, [image], [selection], platforms, out, on_event=self.on_event)
-        return dest.path
+
+# -- sources -----------------------------------------------------------------------------------------------
+
+
+def _fetch_content(reference: Reference, content: NamespacedStore, wanted: Sequence[Platform], resolver: Resolver,
+                   on_event: EventSink, executor: Executor) -> _Source:
+    """Fetch the image's content (an index's manifests for ``wanted``, else all) into ``content``; no image
+    record is written."""
+    on_event(Event(action="resolve", status="running", item=str(reference)))
+    _, target = resolver.resolve(reference)
+    on_event(Event(action="resolve", status="done", item=str(reference), message=str(target.digest)))
+    fetcher = resolver.fetcher(reference)
+    labels = source_label(reference)
+    fetched: list[Descriptor] = []
+    present: list[Descriptor] = []
+    lock = threading.Lock()
+
+    def fetch(desc: Descriptor) -> Sequence[Descriptor]:
+        was_fetched = fetch_one(fetcher, desc, content, labels, on_event)
+        with lock:
+            (fetched if was_fetched else present).append(desc)
+        return []
+
+    matcher = PlatformMatcher(list(wanted)) if wanted else None
+    walk: Handler = filter_platforms(set_children_labels(content, children(content)), matcher)
+    dispatch(compose(fetch, walk), [target], executor=executor)
+    return _Source(root=target, name=str(reference), fetched=tuple(fetched), present=tuple(present))
+
+
+def _read_archive_source(source: Location, content: NamespacedStore, wanted: Sequence[Platform],
+                         on_event: EventSink) -> _Source:
+    """Read an archive file into ``content`` (no image record) and pick its image: the one named, or the
+    only one."""
+    assert source.path is not None
+    archive = load_archive(content, source.path, base_name=None, digests=False, today=utcnow().date(),
+                           on_event=on_event)
+    chosen = _pick(archive.images, source)
+    target = Descriptor(media_type=chosen.target.media_type, digest=chosen.target.digest, size=chosen.target.size)
+    selection = select(content, target, _platforms(wanted), not wanted)
+    require_complete(f"archive {source.path} is incomplete", [(f"image {chosen.names[0]}", selection)])
+    label_children(content, selection.required)
+    return _Source(root=target, name=chosen.names[0])
+
+
+# -- destinations ------------------------------------------------------------------------------------------
+
+
+def _write_dest(store: Store, source: Location, dest: Location, got: _Source, content: NamespacedStore,
+                wanted: Sequence[Platform], resolver: Resolver, on_event: EventSink) -> CopyResult:
+    push: PushResult | None = None
+    image: Image | None = None
+    archive: Path | None = None
+    target = got.root
+    if dest.kind == REGISTRY:
+        push = push_target(Reference.parse(dest.name), got.root, content, resolver=resolver, on_event=on_event,
+                           what=str(source), platforms=wanted)
+        target = push.target
+    elif dest.kind == LOCAL:
+        now = utcnow()
+        image = store.images.put(Image(name=normalize_name(dest.name), target=got.root, labels={},
+                                       created_at=now, updated_at=now))
+    else:
+        archive = _write_archive_dest(dest, got, content, wanted, on_event)
+    return CopyResult(source=str(source), destination=str(dest), target=target, fetched=got.fetched,
+                      present=got.present, push=push, image=image, archive=archive)
+
+
+def _write_archive_dest(dest: Location, got: _Source, content: NamespacedStore, wanted: Sequence[Platform],
+                        on_event: EventSink) -> Path:
+    """Write the image as an archive (OCI layout + docker manifest.json, for either archive kind), named
+    ``dest.name`` or the source's name. The image record is built in memory, never stored."""
+    assert dest.path is not None
+    image = Image(name=normalize_name(dest.name or got.name), target=got.root)
+    platforms = _platforms(wanted)
+    selection = select(content, got.root, platforms, not wanted)
+    require_complete(f"copy to {dest}", [(f"image {got.name}", selection)])
+    with atomic_output(dest.path) as out:
+        write_archive(content, [image], [selection], platforms, out, on_event=on_event)
+    return dest.path
 
 
 def _platforms(wanted: Sequence[Platform]) -> list[Platform]:

@@ -1,0 +1,137 @@
+"""Push images from the store to a registry.
+
+Platforms: without ``platforms`` (or with ``all_platforms``) the whole image is pushed, every manifest of
+an index included, as containerd and docker do; a blob missing from the store is then an error naming every
+missing digest. With ``platforms`` and an index: if every manifest of the index matches, the index is pushed
+whole; otherwise only the best-matching manifest is pushed, under the tag, as ``ctr push --platform`` does
+(the index itself is not pushed: it would name manifests the registry lacks).
+
+Needs: a ``Store``, a resolver and an event sink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cargohold.content.namespaced import NamespacedStore
+from cargohold.errors import FailedPreconditionError, InvalidArgumentError
+from cargohold.events import Event, EventSink
+from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.digest import Digest
+from cargohold.oci.platform import Platform, PlatformMatcher
+from cargohold.oci.reference import Reference
+from cargohold.remotes.push import DEFAULT_CHUNK_THRESHOLD, DEFAULT_CONCURRENCY, Pusher
+from cargohold.remotes.pushplan import PushPlan, plan_push, push_image
+from cargohold.remotes.resolver import Resolver
+from cargohold.remotes.sources import add_source_label, source_label
+from cargohold.services import images
+from cargohold.store import Store
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PushResult:
+    """A finished push: ``name`` is the destination reference, ``target`` what its tag points at now (the
+    image's target, or the chosen manifest of an index). Each pushed descriptor is in one of ``pushed``,
+    ``mounted`` (cross-repository mount) or ``existing`` (the registry had it)."""
+
+    name: str
+    target: Descriptor
+    pushed: tuple[Descriptor, ...]
+    mounted: tuple[Descriptor, ...]
+    existing: tuple[Descriptor, ...]
+    skipped: tuple[Descriptor, ...] = ()
+
+    @property
+    def digest(self) -> Digest:
+        return self.target.digest
+
+    @property
+    def pushed_bytes(self) -> int:
+        return sum(d.size for d in self.pushed)
+
+
+def push(
+    store: Store,
+    ref: str,
+    local: str | None = None,
+    *,
+    resolver: Resolver,
+    on_event: EventSink,
+    platforms: Sequence[Platform | str] = (),
+    all_platforms: bool = False,
+    chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD,
+    chunk_size: int | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    allow_nondistributable: bool = False,
+) -> PushResult:
+    """Push the image ``local`` (default: the image named ``ref``) to the registry reference ``ref``.
+
+    Blobs the repository has are skipped, blobs labelled with another repository of the same registry
+    (``containerd.io/distribution.source.<host>``) are mounted, the rest uploaded (chunked above
+    ``chunk_threshold`` bytes), ``concurrency`` at a time; then manifests, the target last under the tag.
+    Non-distributable layers are not uploaded unless ``allow_nondistributable``. See the module docstring
+    for ``platforms``. Raises FailedPreconditionError naming every missing digest before pushing anything.
+    """
+    reference = Reference.parse(ref)
+    image = images.image(store, local or ref)
+    return push_target(
+        reference, image.target, store.content, resolver=resolver, on_event=on_event, what=f"image {image.name}",
+        platforms=platforms, all_platforms=all_platforms, chunk_threshold=chunk_threshold, chunk_size=chunk_size,
+        concurrency=concurrency, allow_nondistributable=allow_nondistributable,
+    )
+
+
+def push_target(
+    reference: Reference,
+    root: Descriptor,
+    content: NamespacedStore,
+    *,
+    resolver: Resolver,
+    on_event: EventSink,
+    what: str,
+    platforms: Sequence[Platform | str] = (),
+    all_platforms: bool = False,
+    chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD,
+    chunk_size: int | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    allow_nondistributable: bool = False,
+) -> PushResult:
+    """Push the graph under ``root`` from ``content`` to ``reference`` (``push`` and ``copy`` share it);
+    ``what`` names the source in errors."""
+    matcher = _push_matcher(platforms, all_platforms)
+    plan = plan_push(content, root, matcher=matcher, allow_nondistributable=allow_nondistributable)
+    if reference.digest is not None and reference.digest != plan.target.digest:
+        raise InvalidArgumentError(f"cannot push {what} to {reference}: it is {plan.target.digest}, not "
+                                   f"{reference.digest}")
+    _check_complete(plan, what, reference, matcher is not None)
+    pusher = Pusher(resolver, reference, chunk_threshold=chunk_threshold, chunk_size=chunk_size)
+    item = str(reference)
+    on_event(Event(action="push", status="info", item=item, message=f"to {pusher.host.describe()}"))
+    outcome = push_image(pusher, content, plan, tag=reference.tag, concurrency=concurrency, on_event=on_event)
+    # Note the blobs' new home, so a later push to another repository of that registry can mount them.
+    source = source_label(reference)
+    for desc in [*outcome.pushed, *outcome.mounted, *outcome.existing]:
+        add_source_label(content, desc, source)
+    name = str(reference.with_tag(reference.tag)) if reference.tag else f"{reference.name}@{plan.target.digest}"
+    on_event(Event(action="push", status="done", item=name, message=str(plan.target.digest)))
+    return PushResult(name=name, target=plan.target, pushed=outcome.pushed, mounted=outcome.mounted,
+                      existing=outcome.existing, skipped=plan.skipped)
+
+
+def _push_matcher(platforms: Sequence[Platform | str], all_platforms: bool) -> PlatformMatcher | None:
+    if all_platforms or not platforms:
+        return None
+    return PlatformMatcher([p if isinstance(p, Platform) else Platform.parse(p) for p in platforms])
+
+
+def _check_complete(plan: PushPlan, what: str, reference: Reference, filtered: bool) -> None:
+    if not plan.missing:
+        return
+    digests = ", ".join(str(d.digest) for d in plan.missing)
+    hint = "" if filtered else (
+        "; push one platform with --platform, or fetch every platform first (pull --all-platforms)"
+    )
+    raise FailedPreconditionError(
+        f"cannot push {what} to {reference}: {len(plan.missing)} blob(s) missing from the store: {digests}{hint}"
+    )

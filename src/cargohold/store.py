@@ -1,0 +1,99 @@
+"""``Store``: one data root and namespace, opened: the metadata database, the namespaced content store, the
+image records, the leases and the snapshotters by name (local and proxy). It holds no operations; the
+services of ``cargohold.services`` take a ``Store``.
+
+>>> with Store.open("/tmp/root") as store:  # doctest: +SKIP
+...     store.images.list()
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from cargohold.config import Config, find_config
+from cargohold.content.local import LocalStore
+from cargohold.content.namespaced import NamespacedStore
+from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
+from cargohold.metadata.images import ImageStore
+from cargohold.metadata.leases import LeaseStore
+from cargohold.snapshots import default_snapshotter_name, open_proxy_snapshotter, open_snapshotter
+from cargohold.snapshots.base import Snapshotter
+
+
+def default_root() -> Path:
+    """``$CARGOHOLD_ROOT``, else ``/var/lib/cargohold`` as root, else ``~/.local/share/cargohold``."""
+    env = os.environ.get("CARGOHOLD_ROOT")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/cargohold")
+    return Path.home() / ".local" / "share" / "cargohold"
+
+
+class Store:
+    """The data of one root seen from one namespace. Thread-safe; ``close()`` (or ``with``) releases the
+    snapshotters (a proxy's gRPC channel) and the database connections."""
+
+    def __init__(self, root: Path, *, namespace: str, config: Config, default_snapshotter: str | None = None
+                 ) -> None:
+        self.root = root
+        self.namespace = namespace
+        self.config = config
+        self.db = MetadataDB(root / "metadata.db")
+        self.db.ensure_namespace(namespace)
+        self.local = LocalStore(root)
+        self.content = NamespacedStore(self.local, self.db, namespace)
+        self.images = ImageStore(self.db, namespace)
+        self.leases = LeaseStore(self.db, namespace)
+        self._default_snapshotter = default_snapshotter or config.snapshotter or None
+        self._snapshotters: dict[str, Snapshotter] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, root: Path | str | None = None, *, namespace: str = DEFAULT_NAMESPACE,
+             config: Config | None = None, default_snapshotter: str | None = None) -> Store:
+        """Open (creating) the data root ``root`` (default: ``default_root()``) in ``namespace``; ``config``
+        defaults to the config file found for the root."""
+        path = Path(root) if root is not None else default_root()
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path, namespace=namespace, config=config if config is not None else find_config(None, path),
+                   default_snapshotter=default_snapshotter)
+
+    @property
+    def default_snapshotter(self) -> str:
+        """The snapshotter used when none is named: the argument, the config's, else the root's best."""
+        return self._default_snapshotter or default_snapshotter_name(self.root)
+
+    def snapshotter(self, name: str | None = None) -> Snapshotter:
+        """The named snapshotter of this root (``native``, ``overlayfs``, a configured proxy), or the default."""
+        name = name or self.default_snapshotter
+        with self._lock:
+            sn = self._snapshotters.get(name)
+            if sn is None:
+                proxy = self.config.snapshotters.get(name)
+                if proxy is not None:
+                    sn = open_proxy_snapshotter(proxy.name, proxy.address, namespace=self.namespace,
+                                                remote=proxy.remote)
+                else:
+                    sn = open_snapshotter(name, self.root, self.db, self.namespace)
+                self._snapshotters[name] = sn
+            return sn
+
+    def close(self) -> None:
+        """Release the snapshotters and the database."""
+        with self._lock:
+            snapshotters, self._snapshotters = list(self._snapshotters.values()), {}
+        for sn in snapshotters:
+            sn.close()
+        self.db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
