@@ -32,6 +32,7 @@ LEVELS = {
 ALLOWED_LAZY = {
     ("cargohold.snapshots", "cargohold.snapshots.proxy"),
     ("cargohold.cli.runtime", "cargohold.cri.server"),
+    ("cargohold.cli.runtime", "cargohold.snapshots.server"),
 }
 
 
