@@ -125,7 +125,7 @@ class ClientBase:
         self.plain_http = plain_http
         self.max_concurrent_downloads = max(1, max_concurrent_downloads or self.config.max_concurrent_downloads)
         self.on_event: EventSink = on_event or discard
-        self.db = MetadataDB(self.root / "metadata.db")
+        self.db = MetadataDB(self.root / "metadata.db", lock_timeout=self.config.lock_timeout)
         self.db.ensure_namespace(namespace)
         self.local = LocalStore(self.root)
         self.content = NamespacedStore(self.local, self.db, namespace)

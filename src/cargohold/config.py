@@ -6,6 +6,7 @@
     disable_snapshot_annotations = false   # true: no per-layer cri.* labels on snapshots
     sandbox_image = "registry.k8s.io/pause:3.10"
     max_concurrent_downloads = 3
+    lock_timeout = 30                      # seconds to wait for another process's write on metadata.db
 
     [registry]
     config_path = "/etc/containerd/certs.d"   # <host>/hosts.toml mirrors, as containerd
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cargohold.errors import InvalidArgumentError
+from cargohold.metadata.db import DEFAULT_LOCK_TIMEOUT
 
 CONFIG_NAME = "config.toml"
 DEFAULT_SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
@@ -57,6 +59,7 @@ class Config:
     disable_snapshot_annotations: bool = False
     sandbox_image: str = DEFAULT_SANDBOX_IMAGE
     max_concurrent_downloads: int = 3
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     registry_config_path: str = ""
     runtimes: Mapping[str, RuntimeConfig] = field(default_factory=dict)
     snapshotters: Mapping[str, SnapshotterConfig] = field(default_factory=dict)
@@ -75,7 +78,7 @@ class Config:
 
 
 _TOP_KEYS = {"snapshotter", "disable_snapshot_annotations", "sandbox_image", "max_concurrent_downloads",
-             "registry", "runtimes", "snapshotters"}
+             "lock_timeout", "registry", "runtimes", "snapshotters"}
 
 
 def load_config(path: Path | str) -> Config:
@@ -117,11 +120,15 @@ def parse_config(data: Mapping[str, Any], where: Path | None = None) -> Config:
     downloads = data.get("max_concurrent_downloads", 3)
     if not isinstance(downloads, int) or isinstance(downloads, bool) or not 1 <= downloads <= 64:
         raise InvalidArgumentError(f"{label}: max_concurrent_downloads must be an integer from 1 to 64")
+    lock_timeout = data.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
+    if not isinstance(lock_timeout, int | float) or isinstance(lock_timeout, bool) or not 0 <= lock_timeout <= 86400:
+        raise InvalidArgumentError(f"{label}: lock_timeout must be a number of seconds from 0 to 86400")
     return Config(
         snapshotter=_str(data, "snapshotter", label),
         disable_snapshot_annotations=_bool(data, "disable_snapshot_annotations", label),
         sandbox_image=_str(data, "sandbox_image", label) or DEFAULT_SANDBOX_IMAGE,
         max_concurrent_downloads=downloads,
+        lock_timeout=float(lock_timeout),
         registry_config_path=_str(registry, "config_path", f"{label}: [registry]"),
         runtimes=runtimes,
         snapshotters=snapshotters,
