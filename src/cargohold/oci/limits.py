@@ -16,3 +16,14 @@ MAX_CONFIG_SIZE = 8 * 1024 * 1024
 MAX_LAYERS = 1000
 MAX_INDEX_MANIFESTS = 10_000
 MAX_INDEX_DEPTH = 16
+
+
+def check_index_depth(level: int, digest: object) -> None:
+    """Refuse index ``digest`` found at nesting ``level`` (the target index is level 1) beyond the cap."""
+    if level > MAX_INDEX_DEPTH:
+        # Imported here: limits.py is read by the parsers and must not import them back.
+        from cargohold.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"index {digest}: indexes nested more than {MAX_INDEX_DEPTH} deep (the limit of index nesting)"
+        )
