@@ -75,7 +75,7 @@ def fetch_blob(
 
     A blob already in the store is done (AlreadyExistsError from the ingester is swallowed). A partial
     ingest of the same ref (an earlier run cut off) is resumed from its offset. A connection lost mid-body
-    is reopened at the writer's offset with ``Range`` up to ``max_resumes`` times in a row without progress;
+    is reopened at the writer's offset with ``Range`` up to ``max_resumes`` times;
     a stalled connection (no data for the transport's read timeout) is reopened the same way until no byte
     has arrived for ``fetch_timeout`` seconds (default: the fetcher's ``fetch_timeout``, else
     DEFAULT_FETCH_TIMEOUT). On a digest or size mismatch nothing is committed, the partial download is
@@ -114,16 +114,14 @@ def fetch_blob(
                         if writer.offset > desc.size:
                             break  # more bytes than announced: commit below reports the size mismatch
             except UnavailableError as exc:
-                # The connection dropped or stalled mid-body: reopen at the offset reached. Cuts without
-                # progress are bounded by count, stalls by the time without a byte.
+                # The connection dropped or stalled mid-body: reopen at the offset reached. Cuts are bounded
+                # by count, stalls by the time without a byte.
                 idle = time.monotonic() - last_progress
                 if idle >= give_up:
                     raise UnavailableError(
                         f"{desc.digest}: no data for {idle:.0f} s at byte {writer.offset} of {desc.size}; "
                         f"giving up (fetch_timeout {give_up:g} s): {exc}") from exc
-                if writer.offset > start:
-                    resumes = 0
-                elif not getattr(stream, "stalled", False):
+                if not getattr(stream, "stalled", False):
                     if resumes >= max_resumes:
                         raise UnavailableError(f"{desc.digest}: gave up after {resumes} resumes: {exc}") from exc
                     resumes += 1

@@ -339,12 +339,14 @@ class Fetcher:
                 except BaseException:
                     discard_response(resp)
                     raise
-            body = resp.data
-            discard_response(resp)
             if resp.status == 416 and offset > 0:
                 # Range past the end: the blob is shorter than its descriptor says (the partial reached its end).
+                # The body is not read: some registries announce the blob's length for this short error.
+                discard_response(resp)
                 total = _content_range_total(resp.headers.get("Content-Range"))
                 raise SizeMismatchError(desc.digest, desc.size, total if total is not None else offset)
+            body = resp.data
+            discard_response(resp)
             last = registry_error(host.host, resp.status, body, what=what, repository=self.ref.path)
             log.info("fetching %s from %s failed: %s", what, host.describe(), last)
             self.resolver.emit_host_event("error", host, f"fetch {desc.digest}: {last}")
