@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from tests.support.cli import cli
 
-from cargohold.errors import CargoholdError, FailedPreconditionError, UnavailableError
+from cargohold.config import load_config
+from cargohold.errors import CargoholdError, FailedPreconditionError, InvalidArgumentError, UnavailableError
 from cargohold.metadata.db import MetadataDB, lock_holder
 
 
@@ -168,3 +169,13 @@ def test_lock_is_taken_once_the_holder_finishes(writer: tuple[Path, subprocess.P
     db.ensure_namespace("other")
     assert time.monotonic() - start < 10
     assert db.namespaces() == ["default", "other"]
+
+
+def test_config_keys_for_waits_and_timeouts(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("lock_timeout = 2.5\nstall_timeout = 5\nfetch_timeout = 60\n")
+    config = load_config(path)
+    assert (config.lock_timeout, config.stall_timeout, config.fetch_timeout) == (2.5, 5.0, 60.0)
+    path.write_text('lock_timeout = "soon"\n')
+    with pytest.raises(InvalidArgumentError, match=f"config {path}: lock_timeout must be a number of seconds"):
+        load_config(path)

@@ -146,6 +146,8 @@ class ClientBase:
                     credentials=self.credentials,
                     plain_http=self.plain_http,
                     on_event=self.on_event,
+                    stall_timeout=self.config.stall_timeout,
+                    fetch_timeout=self.config.fetch_timeout,
                 )
             return self._resolver
 
