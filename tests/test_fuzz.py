@@ -255,3 +255,25 @@ def test_apply_layer_raises_only_cargohold_errors_and_never_writes_outside_the_r
         assert tree_of(outside) == before
     finally:
         shutil.rmtree(base)
+
+
+def test_negative_base256_gid_is_refused_naming_the_entry(tmp_path: Path) -> None:
+    """Found by fuzzing: a base-256 gid of -1 reached chown as OverflowError."""
+    block = bytearray(512)
+    block[0:1] = b"a"
+    block[100:108] = b"0000644\0"
+    block[108:116] = b"0000000\0"
+    block[116:124] = b"\xff" * 8  # base-256 -1
+    block[124:136] = b"00000000000\0"
+    block[136:148] = b"00000000000\0"
+    block[156:157] = b"0"
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    (tmp_path / "root").mkdir()
+    try:
+        apply_layer(tmp_path / "root", io.BytesIO(bytes(block) + b"\0" * 1024), write_threads=0)
+    except CargoholdError as exc:
+        assert str(exc) == "tar entry 'a': gid -1 out of range"
+    else:
+        raise AssertionError("a negative gid was accepted")
