@@ -124,10 +124,11 @@ class Resolver:
             first = now - self._dead.get(key, -DEAD_HOST_SECONDS) >= DEAD_HOST_SECONDS
             self._dead[key] = now
         if first:
-            log.warning("%s: %s; skipping it for the rest of this operation", key, reason)
+            log.info("%s: %s; skipping it for the rest of this operation", key, reason)
             self.emit_host_event("error", host, f"{reason}; skipping it for the rest of this operation")
 
-    def _attempts(self, hosts: list[RegistryHost], i: int) -> int | None:
+    def attempts_for(self, hosts: list[RegistryHost], i: int) -> int | None:
+        """Tries of the request to ``hosts[i]``: None (the retry policy's) for the last host, else 1."""
         # A host followed by another is tried once: the next host is its retry, not a backoff.
         return 1 if i < len(hosts) - 1 else None
 
@@ -180,7 +181,7 @@ class Resolver:
             log.info("resolving %s on %s", reference, host.describe())
             self.emit_host_event("running", host, f"resolve {reference}")
             try:
-                desc = self._resolve_on(host, reference, self._attempts(hosts, i))
+                desc = self._resolve_on(host, reference, self.attempts_for(hosts, i))
             except UnsupportedMediaTypeError:
                 raise
             except CargoholdError as exc:
@@ -323,7 +324,7 @@ class Fetcher:
                     repository=self.ref.path,
                     headers=headers,
                     stream=True,
-                    attempts=self.resolver._attempts(hosts, i),
+                    attempts=self.resolver.attempts_for(hosts, i),
                 )
             except CargoholdError as exc:
                 last = exc
@@ -401,7 +402,7 @@ class BlobStream:
             # Say why nothing moves; the caller reconnects at the offset reached (or gives up, fetch_timeout).
             self.stalled = True
             message = f"no data for {self._stall_timeout:g} s from {self.host.host}"
-            log.warning("%s: %s at byte %d", self.what, message, self.position)
+            log.info("%s: %s at byte %d", self.what, message, self.position)
             self._on_event(Event(action="fetch", status="info", item=self.what, message=message))
             raise UnavailableError(f"{self.host.host}: {self.what}: {message} at byte {self.position}") from exc
         except HTTPError as exc:
