@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv test demo bench lint proto clean
+.PHONY: all venv test fuzz demo bench lint proto clean
 
 all: test
 
@@ -20,6 +20,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	sh scripts/install-system-deps.sh test
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The property tests of tests/test_fuzz.py with many examples (make test runs a short pass of the same).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 demo: $(STAMP)
 	sh scripts/install-system-deps.sh demo

@@ -127,7 +127,9 @@ class Client:
         with self._lock:
             if self._resolver is None:
                 self._resolver = Resolver(hosts_dir=self.hosts_dir, credentials=self.credentials,
-                                          plain_http=self.plain_http, on_event=self.on_event)
+                                          plain_http=self.plain_http, on_event=self.on_event,
+                                          stall_timeout=self.config.stall_timeout,
+                                          fetch_timeout=self.config.fetch_timeout)
             return self._resolver
 
     def _get_resolver(self) -> Resolver:

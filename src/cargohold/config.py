@@ -6,6 +6,9 @@
     disable_snapshot_annotations = false   # true: no per-layer cri.* labels on snapshots
     sandbox_image = "registry.k8s.io/pause:3.10"
     max_concurrent_downloads = 3
+    lock_timeout = 30                      # seconds to wait for another process's write on metadata.db
+    stall_timeout = 15                     # seconds without data before a download says so and reconnects
+    fetch_timeout = 120                    # seconds without any progress before a download gives up
 
     [registry]
     config_path = "/etc/containerd/certs.d"   # <host>/hosts.toml mirrors, as containerd
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from cargohold.errors import InvalidArgumentError
+from cargohold.metadata.db import DEFAULT_LOCK_TIMEOUT
+from cargohold.remotes.http import DEFAULT_FETCH_TIMEOUT, DEFAULT_STALL_TIMEOUT
 
 CONFIG_NAME = "config.toml"
 DEFAULT_SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
@@ -57,6 +62,9 @@ class Config:
     disable_snapshot_annotations: bool = False
     sandbox_image: str = DEFAULT_SANDBOX_IMAGE
     max_concurrent_downloads: int = 3
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     registry_config_path: str = ""
     runtimes: Mapping[str, RuntimeConfig] = field(default_factory=dict)
     snapshotters: Mapping[str, SnapshotterConfig] = field(default_factory=dict)
@@ -75,7 +83,7 @@ class Config:
 
 
 _TOP_KEYS = {"snapshotter", "disable_snapshot_annotations", "sandbox_image", "max_concurrent_downloads",
-             "registry", "runtimes", "snapshotters"}
+             "lock_timeout", "stall_timeout", "fetch_timeout", "registry", "runtimes", "snapshotters"}
 
 
 def load_config(path: Path | str) -> Config:
@@ -122,6 +130,9 @@ def parse_config(data: Mapping[str, Any], where: Path | None = None) -> Config:
         disable_snapshot_annotations=_bool(data, "disable_snapshot_annotations", label),
         sandbox_image=_str(data, "sandbox_image", label) or DEFAULT_SANDBOX_IMAGE,
         max_concurrent_downloads=downloads,
+        lock_timeout=_seconds(data, "lock_timeout", DEFAULT_LOCK_TIMEOUT, 0, label),
+        stall_timeout=_seconds(data, "stall_timeout", DEFAULT_STALL_TIMEOUT, 0.1, label),
+        fetch_timeout=_seconds(data, "fetch_timeout", DEFAULT_FETCH_TIMEOUT, 0.1, label),
         registry_config_path=_str(registry, "config_path", f"{label}: [registry]"),
         runtimes=runtimes,
         snapshotters=snapshotters,
@@ -164,3 +175,10 @@ def _bool(data: Mapping[str, Any], key: str, label: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgumentError(f"{label}: {key} must be true or false, not {value!r}")
     return value
+
+
+def _seconds(data: Mapping[str, Any], key: str, default: float, least: float, label: str) -> float:
+    value = data.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not least <= value <= 86400:
+        raise InvalidArgumentError(f"{label}: {key} must be a number of seconds from {least:g} to 86400")
+    return float(value)

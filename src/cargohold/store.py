@@ -43,7 +43,7 @@ class Store:
         self.root = root
         self.namespace = namespace
         self.config = config
-        self.db = MetadataDB(root / "metadata.db")
+        self.db = MetadataDB(root / "metadata.db", lock_timeout=config.lock_timeout)
         self.db.ensure_namespace(namespace)
         self.local = LocalStore(root)
         self.content = NamespacedStore(self.local, self.db, namespace)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -39,6 +40,8 @@ class Fault:
     method: str | None = None
     times: int = 1
     cut_after: int | None = None
+    stall_after: int | None = None  # send this many body bytes, then nothing for ``stall_seconds``, then close
+    stall_seconds: float = 0.0
     status: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
@@ -53,6 +56,8 @@ class Fault:
             return f"status {self.status}"
         if self.cut_after is not None:
             return f"cut after {self.cut_after}"
+        if self.stall_after is not None:
+            return f"stall after {self.stall_after}"
         return f"strip {','.join(self.strip_request_headers)}"
 
 
@@ -136,6 +141,8 @@ class FaultProxy:
         headers: dict[str, str] | None = None,
         body: bytes = b"",
         strip_request_headers: tuple[str, ...] = (),
+        stall_after: int | None = None,
+        stall_seconds: float = 0.0,
     ) -> Fault:
         """Misbehave on the next ``times`` requests whose path matches the regex ``path``."""
         fault = Fault(
@@ -143,6 +150,8 @@ class FaultProxy:
             method=method,
             times=times,
             cut_after=cut_after,
+            stall_after=stall_after,
+            stall_seconds=stall_seconds,
             status=status,
             headers=dict(headers or {}),
             body=body,
@@ -286,12 +295,17 @@ class FaultProxy:
                 ("\r\n".join([lines[0], *kept, "Connection: close"]) + "\r\n\r\n").encode("latin-1")
             )
             limit = fault.cut_after if fault is not None and fault.cut_after is not None else None
+            stall = fault.stall_after if fault is not None and fault.stall_after is not None else None
+            if stall is not None:
+                limit = stall
             sent = 0
             data = bytes(buf)
             while True:
                 if data:
                     if limit is not None and sent + len(data) >= limit:
                         client.sendall(data[: limit - sent])
+                        if stall is not None and fault is not None:
+                            time.sleep(fault.stall_seconds)  # the connection stays open, silent
                         # A clean FIN short of Content-Length: the client gets exactly ``limit`` bytes, then
                         # sees the connection end mid-body.
                         client.shutdown(socket.SHUT_RDWR)

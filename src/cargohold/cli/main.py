@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -38,14 +39,20 @@ from cargohold.snapshots.base import Snapshotter
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="CARGOHOLD_CONFIG",
               default=None, help="Config file (TOML). Default: ROOT/config.toml when present.")
 @click.option("--debug", is_flag=True, help="Log debug details (hosts tried, retries) to stderr.")
+@click.option("--lock-timeout", type=click.FloatRange(0, 86400), default=None, metavar="SECONDS",
+              help="Wait at most this long for another process's write on the metadata database "
+              "(default: config lock_timeout, else 30).")
 @click.pass_context
 def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path | None, plain_http: bool,
-        config_path: Path | None, debug: bool) -> None:
+        config_path: Path | None, debug: bool, lock_timeout: float | None) -> None:
     """cargohold: pull, unpack, export and import container images, without a daemon."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     root = root or default_root()
-    ctx.obj = State(root, namespace, hosts_dir, plain_http, find_config(config_path, root))
+    config = find_config(config_path, root)
+    if lock_timeout is not None:  # the option wins over the config file
+        config = dataclasses.replace(config, lock_timeout=lock_timeout)
+    ctx.obj = State(root, namespace, hosts_dir, plain_http, config)
 
 
 # -- pull ----------------------------------------------------------------------------------------------------

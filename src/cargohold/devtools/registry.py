@@ -83,9 +83,11 @@ def registry_config(
     tls: tuple[Path, Path] | None = None,
     tls_client_ca: Path | None = None,
     schema1: bool = False,
+    proxy_remote: str | None = None,
 ) -> str:
     """The YAML config of a loopback registry with filesystem storage and deletes enabled (``schema1``:
-    accept and serve signed Docker schema 1 manifests)."""
+    accept and serve signed Docker schema 1 manifests; ``proxy_remote``: a pull-through cache of that
+    registry URL, as a mirror)."""
     if htpasswd is not None and token is not None:
         raise ValueError("registry config: choose htpasswd or token auth, not both")
     config: dict[str, Any] = {
@@ -103,6 +105,8 @@ def registry_config(
     }
     if schema1:
         config["compatibility"] = {"schema1": {"enabled": True}}
+    if proxy_remote is not None:
+        config["proxy"] = {"remoteurl": proxy_remote}
     if tls is not None:
         config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
         if tls_client_ca is not None:
@@ -197,6 +201,7 @@ def start_registry(
     tls: tuple[Path, Path] | None = None,
     tls_client_ca: Path | None = None,
     schema1: bool = False,
+    proxy_remote: str | None = None,
 ) -> RegistryProcess:
     """Start a registry storing under ``tmpdir/storage``; return once ``GET /v2/`` answers (200 or 401).
 
@@ -218,7 +223,7 @@ def start_registry(
         config_path.write_text(
             registry_config(
                 storage, chosen, htpasswd=htpasswd, token=token, tls=tls, tls_client_ca=tls_client_ca,
-                schema1=schema1,
+                schema1=schema1, proxy_remote=proxy_remote,
             )
         )
         with open(log_path, "ab") as log:

@@ -143,6 +143,12 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
     return out
 
 
+_MAX_ID = 2**32 - 2
+_MAX_DEV = 2**32 - 1
+_MAX_SIZE = 2**62
+_MAX_TIME_NS = 2**63 - 1  # nanoseconds: what utime (a 64-bit timespec in ns) accepts
+
+
 class TarReader:
     """Iterate ``entries()``; for the current entry read its data with ``read_small()`` or ``chunks()``.
 
@@ -331,6 +337,15 @@ class TarReader:
                     sparse_pax = True
         if "\0" in name or "\0" in linkname:
             raise InvalidArgumentError(f"tar entry {name!r}: NUL byte in a name")
+        # Numbers the kernel cannot take (negative base-256 ids, absurd times) are bad input, not OverflowError
+        # from chown/utime/makedev later. An id of 2**32-1 means "unchanged" to chown: refused as well.
+        for what, number, top in (("uid", uid, _MAX_ID), ("gid", gid, _MAX_ID), ("size", size, _MAX_SIZE),
+                                  ("devmajor", devmajor, _MAX_DEV), ("devminor", devminor, _MAX_DEV)):
+            if not 0 <= number <= top:
+                raise InvalidArgumentError(f"tar entry {name!r}: {what} {number} out of range")
+        for what, ns in (("mtime", mtime_ns), ("atime", atime_ns or 0)):
+            if not -_MAX_TIME_NS <= ns <= _MAX_TIME_NS:
+                raise InvalidArgumentError(f"tar entry {name!r}: {what} out of range")
         if flag in _HEADER_ONLY:
             size = 0
         if flag == "\0" or flag == "7":

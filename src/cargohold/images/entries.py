@@ -16,6 +16,7 @@ from cargohold.images.image import read_config
 from cargohold.oci import kinds
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.kinds import Kind
+from cargohold.oci.limits import check_index_depth
 from cargohold.oci.manifest import Index, Manifest
 
 
@@ -91,6 +92,7 @@ def index_entries(provider: Provider, target: Descriptor) -> list[Entry]:
             out.append(Entry(descriptor=desc, kind=kind, depth=depth, attests=kinds.attests(desc),
                              predicate_types=predicate_types))
             if kind is Kind.INDEX and str(desc.digest) not in seen:
+                check_index_depth(depth + 2, desc.digest)  # ``depth`` 0 is the target, index level 1
                 seen.add(str(desc.digest))
                 inner = _read(provider, desc)
                 if isinstance(inner, Index):

@@ -13,11 +13,13 @@ from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExec
 from contextlib import ExitStack
 
 from cargohold.content.store import ContentStore, Provider
+from cargohold.errors import CargoholdError
 from cargohold.metadata.labels import LABEL_GC_REF_CONTENT
 from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.kinds import Kind
+from cargohold.oci.limits import check_index_depth
 from cargohold.oci.manifest import Index, Manifest, parse_manifest_or_index
 from cargohold.oci.platform import PlatformMatcher
 
@@ -152,37 +154,44 @@ def dispatch(handler: Handler, roots: Iterable[Descriptor], *, executor: Executo
     Handlers must not wait on work of the same executor: this call waits from the calling thread only.
 
     A descriptor reached twice (shared layer, shared config) is handled once. The first error stops new
-    work from being scheduled, waits for what is running, and is raised.
+    work from being scheduled, waits for what is running, and is raised. Indexes nested deeper than
+    MAX_INDEX_DEPTH are refused before they are handled (fetched), so a hostile nesting costs a few blobs.
     """
     seen: set[tuple[str, str]] = set()
     seen_lock = threading.Lock()
     errors: list[BaseException] = []
-    pending: set[Future[Sequence[Descriptor]]] = set()
+    pending: dict[Future[Sequence[Descriptor]], int] = {}  # -> index nesting level of its descriptor
 
     with ExitStack() as stack:
         pool = executor if executor is not None else stack.enter_context(
             ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="dispatch"))
 
-        def submit(descs: Iterable[Descriptor]) -> None:
+        def submit(descs: Iterable[Descriptor], parent_level: int) -> None:
             for d in descs:
                 key = (str(d.digest), d.media_type)
                 with seen_lock:
                     if key in seen:
                         continue
                     seen.add(key)
-                pending.add(pool.submit(_run, handler, d))
+                level = parent_level + 1 if mt.is_index(d.media_type) else parent_level
+                try:
+                    check_index_depth(level, d.digest)
+                except CargoholdError as exc:
+                    errors.append(exc)
+                    return
+                pending[pool.submit(_run, handler, d)] = level
 
-        submit(roots)
+        submit(roots, 0)
         while pending:
             done, _ = wait(pending, return_when=FIRST_EXCEPTION)
             for fut in done:
-                pending.discard(fut)
+                level = pending.pop(fut)
                 exc = fut.exception()
                 if exc is not None:
                     errors.append(exc)
                     continue
                 if not errors:
-                    submit(fut.result())
+                    submit(fut.result(), level)
             if errors:
                 for fut in pending:
                     fut.cancel()

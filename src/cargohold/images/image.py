@@ -16,6 +16,7 @@ from cargohold.oci.config import ImageConfig, chain_ids
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.oci.kinds import Kind
+from cargohold.oci.limits import check_index_depth
 from cargohold.oci.manifest import Index, Manifest
 from cargohold.oci.platform import PlatformMatcher
 
@@ -56,8 +57,8 @@ def _best_in_index(provider: Provider, index: Index, matcher: PlatformMatcher, w
     return _ranked_in_index(provider, index, matcher, where)[1]
 
 
-def _ranked_in_index(provider: Provider, index: Index, matcher: PlatformMatcher, where: Descriptor
-                     ) -> tuple[int, Descriptor, Descriptor]:
+def _ranked_in_index(provider: Provider, index: Index, matcher: PlatformMatcher, where: Descriptor,
+                     level: int = 1) -> tuple[int, Descriptor, Descriptor]:
     """The best runnable manifest for ``matcher`` and its rank, nested indexes followed (a nested index's
     best competes with the outer entries by its own rank). Attestations and other non-runnable manifests are
     never candidates, whatever the matcher accepts. Returns (rank, manifest, the entry of ``index`` leading
@@ -66,10 +67,11 @@ def _ranked_in_index(provider: Provider, index: Index, matcher: PlatformMatcher,
     for i, desc in enumerate(index.manifests):
         kind = kinds.classify(desc)
         if kind is Kind.INDEX:
+            check_index_depth(level + 1, desc.digest)
             try:
                 doc = read_manifest_or_index(provider, desc)
                 if isinstance(doc, Index):
-                    inner_rank, inner, _ = _ranked_in_index(provider, doc, matcher, desc)
+                    inner_rank, inner, _ = _ranked_in_index(provider, doc, matcher, desc, level + 1)
                     candidates.append((inner_rank, i, inner, desc))
             except NotFoundError:
                 continue
@@ -161,9 +163,12 @@ def walk_required(provider: Provider, target: Descriptor, matcher: PlatformMatch
 
     pick = choose or by_matcher
 
-    def visit(desc: Descriptor) -> None:
+    def visit(desc: Descriptor, level: int = 0) -> None:
         if desc.digest in seen:
             return
+        if mt.is_index(desc.media_type):
+            level += 1
+            check_index_depth(level, desc.digest)
         seen.add(desc.digest)
         required.append(desc)
         if not provider_has(provider, desc.digest):
@@ -174,7 +179,7 @@ def walk_required(provider: Provider, target: Descriptor, matcher: PlatformMatch
         doc = read_manifest_or_index(provider, desc)
         if isinstance(doc, Index):
             for kid in pick(doc, desc):
-                visit(kid)
+                visit(kid, level)
         else:
             if kinds.is_runnable(desc):  # an attestation is required content, not one of the image's manifests
                 manifests.append(desc)

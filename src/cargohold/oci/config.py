@@ -9,6 +9,7 @@ from typing import Any
 
 from cargohold.errors import InvalidArgumentError
 from cargohold.oci.digest import Digest
+from cargohold.oci.limits import MAX_CONFIG_SIZE
 from cargohold.oci.platform import Platform
 
 
@@ -39,10 +40,13 @@ class ImageConfig:
 
     @classmethod
     def parse(cls, raw: bytes, where: str = "config") -> ImageConfig:
+        if len(raw) > MAX_CONFIG_SIZE:
+            raise InvalidArgumentError(f"{where}: {len(raw)} bytes is over the {MAX_CONFIG_SIZE}-byte config limit")
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgumentError(f"{where}: not an image config (invalid JSON: {exc})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise InvalidArgumentError(f"{where}: not an image config (invalid JSON: {reason})") from None
         if not isinstance(data, dict):
             raise InvalidArgumentError(f"{where}: not an image config (not a JSON object)")
         rootfs = data.get("rootfs")
@@ -50,7 +54,15 @@ class ImageConfig:
             raise InvalidArgumentError(f"{where}: not an image config (no rootfs.diff_ids)")
         if rootfs.get("type", "layers") != "layers":
             raise InvalidArgumentError(f"{where}: rootfs type {rootfs.get('type')!r} is not 'layers'")
+        if not all(isinstance(d, str) for d in rootfs["diff_ids"]):
+            raise InvalidArgumentError(f"{where}: rootfs.diff_ids must be a list of digests")
         diff_ids = tuple(Digest.parse(d) for d in rootfs["diff_ids"])
+        inner = data.get("config")
+        if inner is not None and not isinstance(inner, dict):
+            raise InvalidArgumentError(f"{where}: config must be an object")
+        entries = data.get("history") or []
+        if not isinstance(entries, list):
+            raise InvalidArgumentError(f"{where}: history must be a list")
         history = tuple(
             HistoryEntry(
                 created=str(h.get("created", "") or ""),
@@ -58,7 +70,7 @@ class ImageConfig:
                 comment=str(h.get("comment", "") or ""),
                 empty_layer=bool(h.get("empty_layer", False)),
             )
-            for h in data.get("history") or []
+            for h in entries
             if isinstance(h, dict)
         )
         return cls(
@@ -67,7 +79,7 @@ class ImageConfig:
             variant=str(data.get("variant", "") or ""),
             diff_ids=diff_ids,
             history=history,
-            config=dict(data.get("config") or {}),
+            config=dict(inner or {}),
             created=str(data.get("created", "") or ""),
             raw=bytes(raw),
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 from cargohold.errors import InvalidArgumentError
 from cargohold.oci.digest import Digest
+from cargohold.oci.jsonfields import string, string_list, string_map
 from cargohold.oci.platform import Platform
 
 
@@ -30,23 +31,27 @@ class Descriptor:
             raise InvalidArgumentError(f"{where}: not an object")
         try:
             media_type = data.get("mediaType", "")
-            digest = Digest.parse(data["digest"])
+            digest_text = data["digest"]
             size = data["size"]
         except KeyError as exc:
             raise InvalidArgumentError(f"{where}: missing field {exc.args[0]}") from None
+        if not isinstance(digest_text, str):
+            raise InvalidArgumentError(f"{where}: digest must be a string, not {type(digest_text).__name__}")
+        digest = Digest.parse(digest_text)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidArgumentError(f"{where} {digest}: invalid size {size!r}")
         if not isinstance(media_type, str):
             raise InvalidArgumentError(f"{where} {digest}: invalid mediaType {media_type!r}")
         plat = data.get("platform")
+        named = f"{where} {digest}"
         return cls(
             media_type=media_type,
             digest=digest,
             size=size,
-            urls=tuple(data.get("urls") or ()),
-            annotations=dict(data.get("annotations") or {}),
-            platform=Platform.from_dict(plat) if isinstance(plat, dict) else None,
-            artifact_type=data.get("artifactType", "") or "",
+            urls=tuple(string_list(data, "urls", named)),
+            annotations=string_map(data, "annotations", named),
+            platform=Platform.from_dict(plat, named) if isinstance(plat, dict) else None,
+            artifact_type=string(data, "artifactType", named),
         )
 
     def to_dict(self) -> dict[str, Any]:

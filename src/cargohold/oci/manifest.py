@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,19 +10,22 @@ from cargohold.errors import InvalidArgumentError, UnsupportedMediaTypeError
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
+from cargohold.oci.jsonfields import array, load_object, string, string_map
 from cargohold.oci.kinds import schema1_error
+from cargohold.oci.limits import MAX_INDEX_MANIFESTS, MAX_LAYERS, MAX_MANIFEST_SIZE
 
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+__all__ = ["MAX_MANIFEST_SIZE", "Index", "Manifest", "parse_manifest_or_index"]
 
 
 def _load_json(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgumentError(f"{what}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidArgumentError(f"{what}: not a JSON object")
-    return data
+    if len(raw) > MAX_MANIFEST_SIZE:
+        raise InvalidArgumentError(f"{what}: {len(raw)} bytes is over the {MAX_MANIFEST_SIZE}-byte manifest limit")
+    return load_object(raw, what)
+
+
+def _subject(data: dict[str, Any], where: str) -> Descriptor | None:
+    subject = data.get("subject")
+    return Descriptor.from_dict(subject, f"{where} subject") if isinstance(subject, dict) else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,16 +52,16 @@ class Manifest:
             raise InvalidArgumentError(f"{where}: missing config")
         config = Descriptor.from_dict(data["config"], f"{where} config")
         layers = tuple(
-            Descriptor.from_dict(layer, f"{where} layer {i}") for i, layer in enumerate(data.get("layers") or [])
+            Descriptor.from_dict(layer, f"{where} layer {i}")
+            for i, layer in enumerate(array(data, "layers", where, cap=MAX_LAYERS, what="layers"))
         )
-        subject = data.get("subject")
         return cls(
             media_type=media_type,
             config=config,
             layers=layers,
-            annotations=dict(data.get("annotations") or {}),
-            subject=Descriptor.from_dict(subject, f"{where} subject") if isinstance(subject, dict) else None,
-            artifact_type=data.get("artifactType", "") or "",
+            annotations=string_map(data, "annotations", where),
+            subject=_subject(data, where),
+            artifact_type=string(data, "artifactType", where),
             raw=bytes(raw),
         )
 
@@ -83,20 +85,20 @@ class Index:
         data = _load_json(raw, where)
         media_type = _check_type(data, media_type, mt.INDEX_TYPES, where)
         manifests = tuple(
-            Descriptor.from_dict(m, f"{where} manifest {i}") for i, m in enumerate(data.get("manifests") or [])
+            Descriptor.from_dict(m, f"{where} manifest {i}")
+            for i, m in enumerate(array(data, "manifests", where, cap=MAX_INDEX_MANIFESTS, what="manifests"))
         )
-        subject = data.get("subject")
         return cls(
             media_type=media_type,
             manifests=manifests,
-            annotations=dict(data.get("annotations") or {}),
-            subject=Descriptor.from_dict(subject, f"{where} subject") if isinstance(subject, dict) else None,
+            annotations=string_map(data, "annotations", where),
+            subject=_subject(data, where),
             raw=bytes(raw),
         )
 
 
 def _check_type(data: dict[str, Any], declared: str, allowed: frozenset[str], where: str) -> str:
-    inner = data.get("mediaType", "")
+    inner = string(data, "mediaType", where)
     if data.get("schemaVersion") == 1 or inner in mt.SCHEMA1_TYPES or declared in mt.SCHEMA1_TYPES:
         raise schema1_error(where)
     media_type = declared or inner
@@ -115,14 +117,12 @@ def _check_type(data: dict[str, Any], declared: str, allowed: frozenset[str], wh
 
 def parse_manifest_or_index(raw: bytes, media_type: str = "", where: str = "manifest") -> Manifest | Index:
     """Parse raw bytes as whichever of manifest or index they are (by media type, then by shape)."""
-    if len(raw) > MAX_MANIFEST_SIZE:
-        raise InvalidArgumentError(f"{where}: {len(raw)} bytes is over the {MAX_MANIFEST_SIZE}-byte manifest limit")
     if media_type in mt.INDEX_TYPES:
         return Index.parse(raw, media_type, where)
     if media_type in mt.MANIFEST_TYPES:
         return Manifest.parse(raw, media_type, where)
     data = _load_json(raw, where)
-    inner = data.get("mediaType", "")
+    inner = string(data, "mediaType", where)
     if media_type in mt.SCHEMA1_TYPES or inner in mt.SCHEMA1_TYPES or data.get("schemaVersion") == 1:
         return Manifest.parse(raw, mt.DOCKER_MANIFEST_SCHEMA1, where)  # raises the schema1 error
     if inner in mt.INDEX_TYPES or (not inner and "manifests" in data):

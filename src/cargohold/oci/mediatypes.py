@@ -74,3 +74,13 @@ def is_layer(media_type: str) -> bool:
 
 def is_config(media_type: str) -> bool:
     return media_type in CONFIG_TYPES
+
+
+
+def looks_like_manifest_type(media_type: str) -> bool:
+    """A media type cargohold does not know but that names a manifest or index (``...manifest...+json``):
+    such a document lives on a registry's manifests endpoint, so fetching it as a blob can only fail."""
+    if is_manifest(media_type) or is_index(media_type) or media_type in SCHEMA1_TYPES:
+        return False
+    lowered = media_type.lower()
+    return ("manifest" in lowered or ".index." in lowered or "image.index" in lowered) and "layer" not in lowered

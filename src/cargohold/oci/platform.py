@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cargohold.errors import InvalidArgumentError
+from cargohold.oci.jsonfields import string, string_list
 
 _ARCH_ALIASES = {
     "x86_64": "amd64",
@@ -82,13 +83,15 @@ class Platform:
         return cls(os=os_name, architecture=arch, variant=variant).normalized()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Platform:
+    def from_dict(cls, data: dict[str, Any], where: str = "platform") -> Platform:
+        """A descriptor's ``platform`` object; wrong field types are InvalidArgumentError naming ``where``."""
+        where = f"{where} platform" if where != "platform" else where
         return cls(
-            os=str(data.get("os", "")),
-            architecture=str(data.get("architecture", "")),
-            variant=str(data.get("variant", "") or ""),
-            os_version=str(data.get("os.version", "") or ""),
-            os_features=tuple(data.get("os.features") or ()),
+            os=string(data, "os", where),
+            architecture=string(data, "architecture", where),
+            variant=string(data, "variant", where),
+            os_version=string(data, "os.version", where),
+            os_features=tuple(string_list(data, "os.features", where)),
         )
 
     def to_dict(self) -> dict[str, Any]:

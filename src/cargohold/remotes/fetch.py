@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Protocol, Self
 
 from cargohold.content.store import Ingester
-from cargohold.errors import AlreadyExistsError, UnavailableError
+from cargohold.errors import AlreadyExistsError, SizeMismatchError, UnavailableError
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
+from cargohold.remotes.http import DEFAULT_FETCH_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,21 @@ def fetch_blob(
     labels: Mapping[str, str] | None = None,
     progress: ProgressFn | None = None,
     max_resumes: int = 5,
+    fetch_timeout: float | None = None,
 ) -> None:
     """Download ``desc`` into the store and commit it, verified against its digest and size.
 
     A blob already in the store is done (AlreadyExistsError from the ingester is swallowed). A partial
     ingest of the same ref (an earlier run cut off) is resumed from its offset. A connection lost mid-body
-    is reopened at the writer's offset with ``Range`` up to ``max_resumes`` times. On a digest or size
-    mismatch nothing is committed and DigestMismatchError / SizeMismatchError names the digest.
+    is reopened at the writer's offset with ``Range`` up to ``max_resumes`` times;
+    a stalled connection (no data for the transport's read timeout) is reopened the same way until no byte
+    has arrived for ``fetch_timeout`` seconds (default: the fetcher's ``fetch_timeout``, else
+    DEFAULT_FETCH_TIMEOUT). On a digest or size mismatch nothing is committed, the partial download is
+    discarded (the next pull starts afresh) and DigestMismatchError / SizeMismatchError names the digest.
     ``progress(done, total)`` is called as bytes arrive.
     """
+    give_up = fetch_timeout if fetch_timeout is not None else float(
+        getattr(fetcher, "fetch_timeout", DEFAULT_FETCH_TIMEOUT))
     ref = ref or ingest_ref(desc)
     try:
         writer = ingester.writer(ref, expected=desc.digest, total=desc.size)
@@ -82,23 +90,36 @@ def fetch_blob(
         if writer.offset and progress is not None:
             progress(writer.offset, desc.size)
         resumes = 0
+        last_progress = time.monotonic()
         while writer.offset < desc.size:
             start = writer.offset
             # Opening is retried by the transport (and falls through the hosts); an error here is final.
-            stream = fetcher.fetch(desc, offset=start)
+            try:
+                stream = fetcher.fetch(desc, offset=start)
+            except SizeMismatchError:
+                writer.truncate(0)  # a partial of a blob that is not what its descriptor says is worthless
+                raise
             try:
                 with stream:
                     for chunk in stream:
                         writer.write(chunk)
+                        last_progress = time.monotonic()
                         if progress is not None:
                             progress(min(writer.offset, desc.size), desc.size)
                         if writer.offset > desc.size:
                             break  # more bytes than announced: commit below reports the size mismatch
             except UnavailableError as exc:
-                # The connection dropped mid-body: reopen at the offset reached, a bounded number of times.
-                if resumes >= max_resumes:
-                    raise UnavailableError(f"{desc.digest}: gave up after {resumes} resumes: {exc}") from exc
-                resumes += 1
+                # The connection dropped or stalled mid-body: reopen at the offset reached. Cuts are bounded
+                # by count, stalls by the time without a byte.
+                idle = time.monotonic() - last_progress
+                if idle >= give_up:
+                    raise UnavailableError(
+                        f"{desc.digest}: no data for {idle:.0f} s at byte {writer.offset} of {desc.size}; "
+                        f"giving up (fetch_timeout {give_up:g} s): {exc}") from exc
+                if not getattr(stream, "stalled", False):
+                    if resumes >= max_resumes:
+                        raise UnavailableError(f"{desc.digest}: gave up after {resumes} resumes: {exc}") from exc
+                    resumes += 1
                 log.info(
                     "%s: %s; resuming at byte %d (resume %d of %d)",
                     desc.digest,

@@ -45,6 +45,13 @@ MAX_REDIRECTS = 10
 
 Response = urllib3.BaseHTTPResponse
 
+#: Seconds without a byte from a registry before a transfer reports itself as stalled and reconnects at the
+#: offset it reached (the read timeout; config ``stall_timeout``).
+DEFAULT_STALL_TIMEOUT = 15.0
+#: Seconds a blob download may go without any progress, across reconnects, before it gives up (config
+#: ``fetch_timeout``).
+DEFAULT_FETCH_TIMEOUT = 120.0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
@@ -115,7 +122,11 @@ def discard_response(resp: Response) -> None:
 
 
 class Transport:
-    """Sends requests with retries and redirects; one urllib3 pool manager per TLS configuration."""
+    """Sends requests with retries and redirects; one urllib3 pool manager per TLS configuration.
+
+    ``read_timeout`` is how long a response may send nothing before it counts as stalled (see
+    DEFAULT_STALL_TIMEOUT); ``connect_timeout`` bounds each connection attempt.
+    """
 
     def __init__(
         self,
@@ -123,7 +134,7 @@ class Transport:
         user_agent: str = DEFAULT_USER_AGENT,
         retries: RetryPolicy | None = None,
         connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
+        read_timeout: float = DEFAULT_STALL_TIMEOUT,
         on_event: EventSink | None = None,
         sleep: Callable[[float], None] = time.sleep,
         pool_size: int = 16,
@@ -188,13 +199,14 @@ class Transport:
         body: bytes | None = None,
         stream: bool = False,
         follow_redirects: bool = True,
+        attempts: int | None = None,
     ) -> Response:
         """Send one request (retried as the policy says) and follow redirects.
 
         ``host`` supplies TLS settings and configured headers for URLs on that host. With ``stream``, the
         body is left unread: read it and call ``release_conn()``, or ``discard_response``. A response with a
         retryable status is returned when the attempts run out; connection failures raise UnavailableError
-        naming the host.
+        naming the host. ``attempts`` overrides the policy's (1: no retry, when another host is the retry).
         """
         hdrs: dict[str, str] = {"User-Agent": self.user_agent}
         if host is not None:
@@ -204,7 +216,7 @@ class Transport:
         origin = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             tls_host = host if host is not None and urlsplit(url).netloc == host.host else None
-            resp = self._send(method, url, hdrs, body, stream, tls_host)
+            resp = self._send(method, url, hdrs, body, stream, tls_host, attempts)
             if not follow_redirects or resp.status not in REDIRECT_STATUSES:
                 return resp
             location = resp.headers.get("Location")
@@ -229,12 +241,13 @@ class Transport:
         body: bytes | None,
         stream: bool,
         host: RegistryHost | None,
+        attempts: int | None = None,
     ) -> Response:
         policy = self.retries
         parts = urlsplit(url)
         where = parts.netloc
         manager = self._manager(host)
-        attempts = max(1, policy.attempts)
+        attempts = max(1, attempts if attempts is not None else policy.attempts)
         for attempt in range(1, attempts + 1):
             try:
                 resp = manager.request(

@@ -86,7 +86,7 @@ def pull_resolver(resolver: Resolver, auth: PullAuth | None, *, hosts_dir: Path 
     if credentials is not None:
         stores.append(credentials)
     own = Resolver(hosts_dir=hosts_dir, credentials=ChainCredentials(*stores), plain_http=plain_http,
-                   on_event=on_event)
+                   on_event=on_event, stall_timeout=resolver.stall_timeout, fetch_timeout=resolver.fetch_timeout)
     if auth.registry_token:
         own.authorizer = BearerTokenAuthorizer(own.transport, auth.registry_token, hosts=hosts,
                                                fallback=own.authorizer)
