@@ -7,35 +7,26 @@ The socket is created with mode 0660; a stale socket (nobody listening) is repla
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import os
 import signal
-import socket
-import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, Self, TypeVar
+from types import TracebackType
+from typing import Self
 
 import grpc
 
-from cargohold import __version__
+from cargohold import __version__, grpcserve
 from cargohold.client import Client
 from cargohold.cri import images as criimages
 from cargohold.cri.errors import grpc_code
 from cargohold.cri.proto import api_pb2 as pb
 from cargohold.cri.proto import api_pb2_grpc as pb_grpc
 from cargohold.errors import (
-    AlreadyExistsError,
     CargoholdError,
-    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    UnavailableError,
 )
 
 log = logging.getLogger(__name__)
@@ -45,45 +36,10 @@ CRI_NAMESPACE = "k8s.io"
 KUBE_API_VERSION = "0.1.0"
 RUNTIME_NAME = "cargohold"
 RUNTIME_API_VERSION = "v1"
-SOCKET_MODE = 0o660
 STREAM_BATCH = 100
-# Linux's sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
-MAX_SOCKET_PATH = 107
 
-R = TypeVar("R")
-
-
-def _rpc(method: Callable[..., R]) -> Callable[..., R]:
-    """Run an RPC body; cargohold errors abort with their status code, other exceptions with INTERNAL."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
-        try:
-            return method(self, request, context)
-        except CargoholdError as exc:
-            context.abort(grpc_code(exc), str(exc))
-        except Exception as exc:
-            log.exception("CRI %s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: {type(exc).__name__}: {exc}")
-        raise AssertionError("unreachable: context.abort raises")
-
-    return wrapper
-
-
-def _stream(method: Callable[..., Iterator[R]]) -> Callable[..., Iterator[R]]:
-    """``_rpc`` for server-streaming RPCs: errors raised while producing items abort the stream."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
-        try:
-            yield from method(self, request, context)
-        except CargoholdError as exc:
-            context.abort(grpc_code(exc), str(exc))
-        except Exception as exc:
-            log.exception("CRI %s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: {type(exc).__name__}: {exc}")
-
-    return wrapper
+_rpc = grpcserve.unary("CRI", grpc_code, grpc.StatusCode.INTERNAL)
+_stream = grpcserve.stream("CRI", grpc_code, grpc.StatusCode.INTERNAL)
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
@@ -177,65 +133,34 @@ class CRIServer:
 
     def __init__(self, client: Client, socket_path: Path | str, *, max_workers: int = 8) -> None:
         self.client = client
-        self.socket_path = Path(socket_path).absolute()
-        self.max_workers = max_workers
-        self._server: grpc.Server | None = None
-        self._pool: futures.ThreadPoolExecutor | None = None
-        self._bound = False
+        self._unix = grpcserve.UnixServer(socket_path, max_workers=max_workers, thread_name="cri")
+
+    @property
+    def socket_path(self) -> Path:
+        return self._unix.socket_path
 
     @property
     def address(self) -> str:
         """The gRPC target of the socket (``unix:///path``)."""
-        return f"unix://{self.socket_path}"
+        return self._unix.address
 
     def start(self) -> None:
-        """Bind the socket (mode 0660) and serve."""
-        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
-            raise InvalidArgumentError(f"socket {self.socket_path}: path longer than {MAX_SOCKET_PATH} bytes")
-        if self._server is not None:
-            raise FailedPreconditionError(f"socket {self.socket_path}: this server is running already")
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        _clear_stale_socket(self.socket_path)
-        # Ours, not grpc's: grpc never shuts its pool down, and each worker thread holds a database connection.
-        self._pool = futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="cri")
-        self._server = server = grpc.server(self._pool)
-        try:
+        """Bind the socket (mode 0660) and serve; a socket another process serves is refused, a stale one
+        replaced."""
+
+        def register(server: grpc.Server) -> None:
             # The generated *_pb2_grpc module has no type hints (grpcio-tools writes no stub for it).
             pb_grpc.add_ImageServiceServicer_to_server(ImageService(self.client), server)  # type: ignore[no-untyped-call]
             pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(), server)  # type: ignore[no-untyped-call]
-            # The socket is created by the bind below: a umask keeps it from ever being wider than 0660.
-            old = os.umask(0o117)
-            try:
-                port = server.add_insecure_port(self.address)
-            except RuntimeError as exc:
-                raise UnavailableError(f"socket {self.socket_path}: cannot listen: {exc}") from None
-            finally:
-                os.umask(old)
-            if not port:
-                raise UnavailableError(f"socket {self.socket_path}: cannot listen")
-            self._bound = True
-            os.chmod(self.socket_path, SOCKET_MODE)
-            server.start()
-        except BaseException:
-            self.stop(grace=None)
-            raise
+
+        self._unix.start(register)
         log.info("CRI image service on %s (namespace %s)", self.address, self.client.namespace)
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving (RPCs in flight get ``grace`` seconds, then are cancelled; their handlers are waited
         for) and remove the socket. A server that never bound the socket leaves the path alone: it may be
         another's."""
-        server, pool, self._server, self._pool = self._server, self._pool, None, None
-        bound, self._bound = self._bound, False
-        if server is not None:
-            server.stop(grace).wait()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if not bound:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                os.unlink(self.socket_path)
+        self._unix.stop(grace)
 
     def __enter__(self) -> Self:
         self.start()
@@ -246,42 +171,13 @@ class CRIServer:
         self.stop()
 
 
-def _clear_stale_socket(path: Path) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise AlreadyExistsError(f"socket {path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # left by a server that died
-        return
-    except OSError as exc:
-        raise UnavailableError(f"socket {path}: cannot tell whether it is in use: {exc}") from None
-    finally:
-        probe.close()
-    raise AlreadyExistsError(f"socket {path}: another server is listening on it")
-
-
 def serve(client: Client, socket_path: Path | str, *, signals: Sequence[signal.Signals] = (
         signal.SIGTERM, signal.SIGINT), ready: Callable[[CRIServer], None] | None = None) -> None:
     """Serve until one of ``signals`` arrives (main thread only), then stop and remove the socket."""
-    stopping = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
+    def start() -> CRIServer:
+        server = CRIServer(client, socket_path)
+        server.start()
+        return server
 
-    previous = {s: signal.signal(s, on_signal) for s in signals}
-    try:
-        with CRIServer(client, socket_path) as server:
-            if ready is not None:
-                ready(server)
-            while not stopping.wait(0.5):
-                pass
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    grpcserve.run_until_signalled(start, grace=5.0, signals=signals, ready=ready)

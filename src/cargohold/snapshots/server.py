@@ -23,27 +23,19 @@ Every RPC runs on a worker thread; the metadata DB gives each thread its own SQL
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import os
 import signal
-import socket
-import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
 
+from cargohold import grpcserve
 from cargohold.errors import (
-    AlreadyExistsError,
-    CargoholdError,
-    FailedPreconditionError,
     InvalidArgumentError,
     UnavailableError,
 )
@@ -56,10 +48,8 @@ from cargohold.snapshots.proxy import MAX_MESSAGE_SIZE, from_info, to_info
 
 log = logging.getLogger(__name__)
 
-SOCKET_MODE = 0o660
 LIST_BATCH = 100
 """Infos per ``List`` response message (containerd's own server sends batches too)."""
-MAX_SOCKET_PATH = 107  # Linux's sockaddr_un.sun_path holds 108 bytes, the terminating NUL included
 DEFAULT_GRACE = 10.0
 CONTAINERD_NAMESPACE = "containerd"
 """The cargohold namespace holding what containerd makes (containerd's namespaces are already in the keys)."""
@@ -67,25 +57,7 @@ CONTAINERD_NAMESPACE = "containerd"
 R = TypeVar("R")
 
 
-def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
-    if isinstance(exc, CargoholdError):
-        context.abort(grpc_code(exc), str(exc))
-    log.exception("snapshots %s failed", method)
-    context.abort(grpc.StatusCode.UNKNOWN, f"{method}: {type(exc).__name__}: {exc}")
-
-
-def _rpc(method: Callable[..., R]) -> Callable[..., R]:
-    """Run a unary RPC body; cargohold errors abort with their status code, anything else with UNKNOWN."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
-        try:
-            return method(self, request, context)
-        except Exception as exc:
-            _abort(context, method.__name__, exc)
-        raise AssertionError("unreachable: context.abort raises")
-
-    return wrapper
+_rpc = grpcserve.unary("snapshots", grpc_code, grpc.StatusCode.UNKNOWN)
 
 
 def _mounts(mounts: Sequence[Mount]) -> list[mount_pb2.Mount]:
@@ -194,7 +166,7 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         try:
             infos = [from_info(i) for i in self._sn(context).walk(*request.filters)]
         except Exception as exc:
-            _abort(context, "List", exc)
+            grpcserve.abort(context, "snapshots List", exc, grpc_code, grpc.StatusCode.UNKNOWN)
             return
         for start in range(0, len(infos), self.list_batch):
             if not context.is_active():
@@ -225,53 +197,34 @@ class SnapshotsServer:
         self.name = name
         self.namespace = namespace
         self.root = Path(root).absolute()
-        self.socket_path = Path(socket_path).absolute()
-        self.max_workers = max_workers
         self.list_batch = list_batch
         self._db: MetadataDB | None = None
         self._service: SnapshotsService | None = None
-        self._server: grpc.Server | None = None
-        self._pool: futures.ThreadPoolExecutor | None = None
-        self._bound = False
+        self._unix = grpcserve.UnixServer(socket_path, max_workers=max_workers, thread_name="snapshots", options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+            ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+        ])
+
+    @property
+    def socket_path(self) -> Path:
+        return self._unix.socket_path
 
     @property
     def address(self) -> str:
         """The gRPC target of the socket (``unix:///path``)."""
-        return f"unix://{self.socket_path}"
+        return self._unix.address
 
     def start(self) -> None:
         """Bind the socket (mode 0660) and serve. A socket another process serves is an AlreadyExistsError; a
         stale one (nobody listening) is replaced."""
-        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
-            raise InvalidArgumentError(f"socket {self.socket_path}: path longer than {MAX_SOCKET_PATH} bytes")
-        if self._server is not None:
-            raise FailedPreconditionError(f"socket {self.socket_path}: this server is running already")
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        claim_socket(self.socket_path)
+        self._unix.check()  # before the database is opened: a refused start touches nothing
         try:
             self._db = MetadataDB(self.root / "metadata.db")
-            self._service = SnapshotsService(self.name, self.root, self._db, namespace=self.namespace,
-                                             list_batch=self.list_batch)
-            # Ours, not grpc's: grpc never shuts its pool down, and each worker holds a database connection.
-            self._pool = futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="snapshots")
-            self._server = server = grpc.server(self._pool, options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
-                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-            ])
+            self._service = service = SnapshotsService(self.name, self.root, self._db, namespace=self.namespace,
+                                                       list_batch=self.list_batch)
             # The generated *_pb2_grpc module has no type hints (grpcio-tools writes no stub for it).
-            snapshots_pb2_grpc.add_SnapshotsServicer_to_server(self._service, server)  # type: ignore[no-untyped-call]
-            old = os.umask(0o117)  # the bind creates the socket: never wider than 0660, even for a moment
-            try:
-                port = server.add_insecure_port(self.address)
-            except RuntimeError as exc:
-                raise UnavailableError(f"socket {self.socket_path}: cannot listen: {exc}") from None
-            finally:
-                os.umask(old)
-            if not port:
-                raise UnavailableError(f"socket {self.socket_path}: cannot listen")
-            self._bound = True
-            os.chmod(self.socket_path, SOCKET_MODE)
-            server.start()
+            self._unix.start(lambda server: snapshots_pb2_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
+                service, server))
         except BaseException:
             self.stop(grace=None)
             raise
@@ -281,21 +234,12 @@ class SnapshotsServer:
     def stop(self, grace: float | None = DEFAULT_GRACE) -> None:
         """Stop accepting calls, give those in flight ``grace`` seconds (then cancel them and wait for their
         handlers), close the snapshotters and the DB, and remove the socket if this server bound it."""
-        server, pool, self._server, self._pool = self._server, self._pool, None, None
+        self._unix.stop(grace)
         service, db, self._service, self._db = self._service, self._db, None, None
-        bound, self._bound = self._bound, False
-        if server is not None:
-            server.stop(grace).wait()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
         if service is not None:
             service.close()
         if db is not None:
             db.close()
-        if bound:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                    os.unlink(self.socket_path)
 
     def __enter__(self) -> Self:
         self.start()
@@ -306,51 +250,16 @@ class SnapshotsServer:
         self.stop()
 
 
-def claim_socket(path: Path) -> None:
-    """Make ``path`` free for a new socket: absent is fine, a stale socket is removed; a socket some process
-    accepts connections on, or a file that is not a socket, is an AlreadyExistsError naming the path."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise AlreadyExistsError(f"socket {path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # left by a server that died
-        return
-    except OSError as exc:
-        raise UnavailableError(f"socket {path}: cannot tell whether it is in use: {exc}") from None
-    finally:
-        probe.close()
-    raise AlreadyExistsError(f"socket {path}: another process is serving on it")
-
-
 def serve(name: str, root: Path | str, socket_path: Path | str, *, namespace: str = CONTAINERD_NAMESPACE,
           grace: float = DEFAULT_GRACE,
           signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
           ready: Callable[[SnapshotsServer], None] | None = None) -> None:
     """Serve until one of ``signals`` arrives (main thread only), then stop: calls in flight get ``grace``
     seconds, the socket is removed."""
-    stopping = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in signals}
-    try:
+    def start() -> SnapshotsServer:
         server = SnapshotsServer(name, root, socket_path, namespace=namespace)
         server.start()
-        try:
-            if ready is not None:
-                ready(server)
-            while not stopping.wait(0.5):
-                pass
-        finally:
-            server.stop(grace)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        return server
+
+    grpcserve.run_until_signalled(start, grace=grace, signals=signals, ready=ready)
