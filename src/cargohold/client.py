@@ -251,10 +251,10 @@ class Client:
              chunk_size: int | None = None, concurrency: int = DEFAULT_CONCURRENCY,
              allow_nondistributable: bool = False) -> PushResult:
         """See ``services.push.push``."""
-        return push.push(self.store, ref, local, resolver=self.resolver, on_event=self.on_event,
-                         platforms=platforms, all_platforms=all_platforms, chunk_threshold=chunk_threshold,
-                         chunk_size=chunk_size, concurrency=concurrency,
-                         allow_nondistributable=allow_nondistributable)
+        options = push.PushOptions(platforms=tuple(platforms), all_platforms=all_platforms,
+                                   chunk_threshold=chunk_threshold, chunk_size=chunk_size, concurrency=concurrency,
+                                   allow_nondistributable=allow_nondistributable)
+        return push.push(self.store, ref, local, resolver=self.resolver, on_event=self.on_event, options=options)
 
     def copy(self, src: str, dst: str, *, platforms: Sequence[Platform | str] = (), all_platforms: bool = False
              ) -> CopyResult:

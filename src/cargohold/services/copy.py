@@ -59,7 +59,7 @@ from cargohold.oci.reference import Reference
 from cargohold.remotes.resolver import Resolver
 from cargohold.remotes.sources import fetch_one, source_label
 from cargohold.services import images
-from cargohold.services.push import PushResult, push_target
+from cargohold.services.push import PushOptions, PushResult, push_target
 from cargohold.store import Store
 
 REGISTRY = "registry"
@@ -263,7 +263,7 @@ def _write_dest(store: Store, source: Location, dest: Location, got: _Source, co
     target = got.root
     if dest.kind == REGISTRY:
         push = push_target(Reference.parse(dest.name), got.root, content, resolver=resolver, on_event=on_event,
-                           what=str(source), platforms=wanted)
+                           what=str(source), options=PushOptions(platforms=tuple(wanted)))
         target = push.target
     elif dest.kind == LOCAL:
         now = utcnow()

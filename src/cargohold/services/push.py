@@ -51,64 +51,50 @@ class PushResult:
         return sum(d.size for d in self.pushed)
 
 
-def push(
-    store: Store,
-    ref: str,
-    local: str | None = None,
-    *,
-    resolver: Resolver,
-    on_event: EventSink,
-    platforms: Sequence[Platform | str] = (),
-    all_platforms: bool = False,
-    chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD,
-    chunk_size: int | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    allow_nondistributable: bool = False,
-) -> PushResult:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PushOptions:
+    """How to push: the platforms of an index (see the module docstring), PATCH chunks above
+    ``chunk_threshold`` bytes (``chunk_size`` each), ``concurrency`` blobs at a time, and whether
+    non-distributable layers are uploaded too."""
+
+    platforms: tuple[Platform | str, ...] = ()
+    all_platforms: bool = False
+    chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD
+    chunk_size: int | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+    allow_nondistributable: bool = False
+
+
+def push(store: Store, ref: str, local: str | None = None, *, resolver: Resolver, on_event: EventSink,
+         options: PushOptions = PushOptions()) -> PushResult:
     """Push the image ``local`` (default: the image named ``ref``) to the registry reference ``ref``.
 
     Blobs the repository has are skipped, blobs labelled with another repository of the same registry
-    (``containerd.io/distribution.source.<host>``) are mounted, the rest uploaded (chunked above
-    ``chunk_threshold`` bytes), ``concurrency`` at a time; then manifests, the target last under the tag.
-    Non-distributable layers are not uploaded unless ``allow_nondistributable``. See the module docstring
-    for ``platforms``. Raises FailedPreconditionError naming every missing digest before pushing anything.
+    (``containerd.io/distribution.source.<host>``) are mounted, the rest uploaded, then manifests, the target
+    last under the tag (see ``PushOptions``). Raises FailedPreconditionError naming every missing digest before
+    pushing anything.
     """
     reference = Reference.parse(ref)
     image = images.image(store, local or ref)
-    return push_target(
-        reference, image.target, store.content, resolver=resolver, on_event=on_event, what=f"image {image.name}",
-        platforms=platforms, all_platforms=all_platforms, chunk_threshold=chunk_threshold, chunk_size=chunk_size,
-        concurrency=concurrency, allow_nondistributable=allow_nondistributable,
-    )
+    return push_target(reference, image.target, store.content, resolver=resolver, on_event=on_event,
+                       what=f"image {image.name}", options=options)
 
 
-def push_target(
-    reference: Reference,
-    root: Descriptor,
-    content: NamespacedStore,
-    *,
-    resolver: Resolver,
-    on_event: EventSink,
-    what: str,
-    platforms: Sequence[Platform | str] = (),
-    all_platforms: bool = False,
-    chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD,
-    chunk_size: int | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    allow_nondistributable: bool = False,
-) -> PushResult:
+def push_target(reference: Reference, root: Descriptor, content: NamespacedStore, *, resolver: Resolver,
+                on_event: EventSink, what: str, options: PushOptions = PushOptions()) -> PushResult:
     """Push the graph under ``root`` from ``content`` to ``reference`` (``push`` and ``copy`` share it);
     ``what`` names the source in errors."""
-    matcher = _push_matcher(platforms, all_platforms)
-    plan = plan_push(content, root, matcher=matcher, allow_nondistributable=allow_nondistributable)
+    matcher = _push_matcher(options.platforms, options.all_platforms)
+    plan = plan_push(content, root, matcher=matcher, allow_nondistributable=options.allow_nondistributable)
     if reference.digest is not None and reference.digest != plan.target.digest:
         raise InvalidArgumentError(f"cannot push {what} to {reference}: it is {plan.target.digest}, not "
                                    f"{reference.digest}")
     _check_complete(plan, what, reference, matcher is not None)
-    pusher = Pusher(resolver, reference, chunk_threshold=chunk_threshold, chunk_size=chunk_size)
+    pusher = Pusher(resolver, reference, chunk_threshold=options.chunk_threshold, chunk_size=options.chunk_size)
     item = str(reference)
     on_event(Event(action="push", status="info", item=item, message=f"to {pusher.host.describe()}"))
-    outcome = push_image(pusher, content, plan, tag=reference.tag, concurrency=concurrency, on_event=on_event)
+    outcome = push_image(pusher, content, plan, tag=reference.tag, concurrency=options.concurrency,
+                         on_event=on_event)
     # Note the blobs' new home, so a later push to another repository of that registry can mount them.
     source = source_label(reference)
     for desc in [*outcome.pushed, *outcome.mounted, *outcome.existing]:
