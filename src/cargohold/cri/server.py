@@ -27,6 +27,7 @@ from cargohold import __version__
 from cargohold.client import Client
 from cargohold.cri import images as criimages
 from cargohold.cri.errors import grpc_code
+from cargohold.cri.gcloop import GCScheduler
 from cargohold.cri.proto import api_pb2 as pb
 from cargohold.cri.proto import api_pb2_grpc as pb_grpc
 from cargohold.errors import (
@@ -89,9 +90,9 @@ def _stream(method: Callable[..., Iterator[R]]) -> Callable[..., Iterator[R]]:
 class ImageService(pb_grpc.ImageServiceServicer):
     """CRI's image service on a client, as containerd's CRI plugin answers it."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, gc: GCScheduler) -> None:
         self.client = client
-        self._gc_lock = threading.Lock()
+        self._gc = gc
 
     def _matching(self, flt: pb.ImageFilter | None) -> list[pb.Image]:
         wanted = flt.image.image if flt is not None and flt.HasField("image") else ""
@@ -148,13 +149,9 @@ class ImageService(pb_grpc.ImageServiceServicer):
             raise InvalidArgumentError("RemoveImage: empty image")
         removed = self.client.remove_runtime_image(name)
         if removed:
-            # As containerd's synchronous delete: free the content and snapshots now, so that the usage
-            # kubelet's image GC reads next has gone down. Best effort; a failure leaves them to the next gc.
-            with self._gc_lock:
-                try:
-                    self.client.gc()
-                except CargoholdError as exc:
-                    log.warning("gc after removing %s failed: %s", ", ".join(removed), exc)
+            # The content and snapshots go in a background gc (coalesced, one at a time): kubelet's image GC
+            # removes images in bursts, and a full gc per call would serialise them behind it.
+            self._gc.request()
         return pb.RemoveImageResponse()
 
     @_rpc
@@ -182,6 +179,8 @@ class CRIServer:
         self._server: grpc.Server | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
         self._bound = False
+        self.gc = GCScheduler(client.gc)
+        """The background gc that ``RemoveImage`` requests (``gc.wait_idle()`` waits for it)."""
 
     @property
     def address(self) -> str:
@@ -201,7 +200,7 @@ class CRIServer:
         self._server = server = grpc.server(self._pool)
         try:
             # The generated *_pb2_grpc module has no type hints (grpcio-tools writes no stub for it).
-            pb_grpc.add_ImageServiceServicer_to_server(ImageService(self.client), server)  # type: ignore[no-untyped-call]
+            pb_grpc.add_ImageServiceServicer_to_server(ImageService(self.client, self.gc), server)  # type: ignore[no-untyped-call]
             pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(), server)  # type: ignore[no-untyped-call]
             # The socket is created by the bind below: a umask keeps it from ever being wider than 0660.
             old = os.umask(0o117)
@@ -215,6 +214,7 @@ class CRIServer:
                 raise UnavailableError(f"socket {self.socket_path}: cannot listen")
             self._bound = True
             os.chmod(self.socket_path, SOCKET_MODE)
+            self.gc.start()
             server.start()
         except BaseException:
             self.stop(grace=None)
@@ -231,6 +231,7 @@ class CRIServer:
             server.stop(grace).wait()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        self.gc.stop()
         if not bound:
             return
         with contextlib.suppress(FileNotFoundError):
