@@ -5,20 +5,24 @@ file removal. Everything against the real docker-registry on loopback."""
 from __future__ import annotations
 
 import json
-from contextlib import closing
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from contextlib import closing
 from pathlib import Path
 
 from cargohold.client import Client
 from cargohold.content.local import LocalStore
 from cargohold.devtools import samples
 from cargohold.metadata.gc import sweep_rows
+from cargohold.oci.config import chain_ids
 from cargohold.services import gc as gcservice
+from cargohold.snapshots.server import SnapshotsServer
 from support.cli import cli
 
 BASE = samples.files_layer({"etc/base.txt": b"shared base layer\n", "usr/lib/base.bin": bytes(range(256)) * 64})
@@ -222,3 +226,48 @@ def test_a_crash_between_the_row_transaction_and_file_removal_leaves_orphans_the
     with closing(Client(root)) as client:
         result, snaps = gcservice.finish(client.store, sweep_rows(client.db))
         assert result.removed_blobs == [] and snaps == []
+
+
+def test_gc_removes_unreferenced_proxy_snapshots_through_the_proxy_and_reports_a_proxy_that_is_down(
+        registry, tmp_path: Path) -> None:
+    keep, drop = samples.build_image([BASE, _top(1)]), samples.build_image([BASE, MIDDLE, _top(2)])
+    samples.push(registry.url, "gc/pkeep", "v1", keep)
+    samples.push(registry.url, "gc/pdrop", "v1", drop)
+    short = Path(tempfile.mkdtemp(prefix="ch-gc-"))  # a unix socket path must stay short
+    try:
+        sock = short / "s.sock"
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "config.toml").write_text(f'[snapshotters.served]\naddress = "{sock}"\n')
+        keep_ref, drop_ref = f"{registry.host}/gc/pkeep:v1", f"{registry.host}/gc/pdrop:v1"
+        keep_chains = [str(c) for c in chain_ids(keep.diff_ids)]
+        drop_chains = [str(c) for c in chain_ids(drop.diff_ids)]
+        with SnapshotsServer("native", short / "daemon", sock):
+            with closing(Client(root)) as client:
+                client.pull(keep_ref, snapshotter="served")
+                client.pull(drop_ref, snapshotter="served")
+                served = client.snapshotter("served")
+                served.prepare("stray-active")
+                served.commit("stray", "stray-active")
+                assert {i.key for i in served.walk()} == {*keep_chains, *drop_chains, "stray"}
+            cli(root, "images", "rm", drop_ref)
+            done = json.loads(cli(root, "gc", "--output", "json").stdout)
+            removed = {s["key"] for s in done["snapshots"] if s["snapshotter"] == "served"}
+            # drop's own layers and the stray go; the shared base (keep's parent) stays.
+            assert removed == {*drop_chains[1:], "stray"}
+            assert done["unreachable"] == []
+            with closing(Client(root)) as client:
+                assert {i.key for i in client.snapshotter("served").walk()} == set(keep_chains)
+                assert client.unpacked(keep_ref, snapshotter="served")
+        # The daemon is down: gc does the rest, says which proxy it could not reach, and exits 0.
+        cli(root, "images", "rm", keep_ref)
+        down = cli(root, "gc")
+        assert "snapshotter served unreachable" in down.stdout and str(sock) in down.stdout
+        with SnapshotsServer("native", short / "daemon", sock):
+            again = json.loads(cli(root, "gc", "--output", "json").stdout)
+            assert {s["key"] for s in again["snapshots"]} == set(keep_chains) and again["unreachable"] == []
+            with closing(Client(root)) as client:
+                assert list(client.snapshotter("served").walk()) == []
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
