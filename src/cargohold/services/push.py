@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.errors import FailedPreconditionError, InvalidArgumentError
 from cargohold.events import Event, EventSink
+from cargohold.metadata.labels import LEASE_PUSH
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.oci.platform import Platform, PlatformMatcher
@@ -75,11 +76,15 @@ def push(
     """
     reference = Reference.parse(ref)
     image = images.image(store, local or ref)
-    return push_target(
-        reference, image.target, store.content, resolver=resolver, on_event=on_event, what=f"image {image.name}",
-        platforms=platforms, all_platforms=all_platforms, chunk_threshold=chunk_threshold, chunk_size=chunk_size,
-        concurrency=concurrency, allow_nondistributable=allow_nondistributable,
-    )
+    # A lease: every blob the push reads is held before it is read, so removing the image meanwhile and a
+    # gc cannot pull blobs out from under the upload.
+    with store.leases.hold(labels={LEASE_PUSH: str(reference)[-200:]}) as lease:
+        return push_target(
+            reference, image.target, store.content.with_lease(lease.id), resolver=resolver, on_event=on_event,
+            what=f"image {image.name}", platforms=platforms, all_platforms=all_platforms,
+            chunk_threshold=chunk_threshold, chunk_size=chunk_size, concurrency=concurrency,
+            allow_nondistributable=allow_nondistributable,
+        )
 
 
 def push_target(
