@@ -47,17 +47,29 @@ def _start_time(pid: int) -> str | None:
     return fields[19].decode() if len(fields) > 19 else None
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:
+        return ""
+
+
 def process_token(pid: int | None = None) -> str:
-    """``<pid>:<start time>`` of this (or process ``pid``): names the process even after its pid is reused."""
+    """``<pid>:<start time>:<pid namespace>`` of this process (or of ``pid``, in ours): names the process even
+    after its pid is reused."""
     pid = os.getpid() if pid is None else pid
-    return f"{pid}:{_start_time(pid) or ''}"
+    return f"{pid}:{_start_time(pid) or ''}:{_pid_namespace()}"
 
 
 def process_alive(token: str) -> bool:
-    """Whether the process a ``process_token`` names still runs. A token this host cannot check (no /proc,
-    malformed) counts as alive: gc then only drops the lease when it expires."""
-    pid_text, _, start = token.partition(":")
+    """Whether the process a ``process_token`` names still runs. A token this process cannot check (another
+    pid namespace: a container sharing the data root; no /proc; malformed) counts as alive: gc then only drops
+    the lease when it expires."""
+    pid_text, _, rest = token.partition(":")
+    start, _, namespace = rest.partition(":")
     if not pid_text.isdigit() or not start or not os.path.isdir("/proc/self"):
+        return True
+    if namespace != _pid_namespace():
         return True
     return _start_time(int(pid_text)) == start
 
