@@ -254,8 +254,9 @@ def test_pull_list_status_remove(start_cri: Callable[[Path], CRI], registry: Reg
 
     used_before = cri.images.ImageFsInfo(pb.ImageFsInfoRequest(), timeout=10).image_filesystems
     assert used_before[0].used_bytes.value > 0 and used_before[-1].inodes_used.value > 0
-    # Removing by id removes every name; content and snapshots are collected at once.
+    # Removing by id removes every name; content and snapshots go in the gc it schedules.
     cri.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=image_id)), timeout=30)
+    assert cri.server.gc.wait_idle(timeout=30) and cri.server.gc.runs == 1
     assert [i.id for i in cri.list()] == [str(named.config.digest)]
     assert not cri.status(ref).HasField("image")
     assert [i.name for i in cri.client.list_images()] == [f"{registry.host}/cri/named:v1",

@@ -245,7 +245,7 @@ def test_gc_across_namespaces_keeps_shared_files(root: Path, db: MetadataDB) -> 
     assert layer in result.removed_blobs and not blob_file(root, layer).exists()
 
 
-def test_gc_follows_snapshot_labels_and_reports_unreferenced_snapshots(root: Path, db: MetadataDB) -> None:
+def test_gc_follows_snapshot_labels_and_removes_unreferenced_snapshot_rows(root: Path, db: MetadataDB) -> None:
     local = LocalStore(root)
     store = NamespacedStore(local, db, "default")
     img = image(3)
@@ -260,25 +260,28 @@ def test_gc_follows_snapshot_labels_and_reports_unreferenced_snapshots(root: Pat
     sn.commit("stray", "stray-active")
     sn.prepare("mine", "top", {"containerd.io/gc.root": "x"})
     only_from_snapshot = _write(store, b"referenced by a snapshot label")
-    sn.prepare("holder", "", {"containerd.io/gc.ref.content.blob": str(only_from_snapshot)})
+    # An unpack's active snapshot (extract- key, snapshot.ref label): removable once nothing holds it.
+    sn.prepare("extract-holder", "", {"containerd.io/gc.ref.content.blob": str(only_from_snapshot),
+                                      "containerd.io/snapshot.ref": "sha256:x"})
+    sn.prepare("someones-active", "")  # any other active snapshot is left alone
     # The config points at the unpacked top snapshot, as the unpacker labels it.
     store.update(img.config.digest, {"containerd.io/gc.ref.snapshot.native": "top"})
 
     leases = LeaseStore(db, "default")
     leases.create("keep-holder")
-    leases.add_resource("keep-holder", snapshot_kind("native"), "holder")
+    leases.add_resource("keep-holder", snapshot_kind("native"), "extract-holder")
 
     result = collect(db, local)
     assert result.removed_snapshots == [("native", "default", "stray")]
     assert result.removed_content == []
     assert store.exists(img.config.digest) and store.exists(only_from_snapshot)
-    # Snapshots are reported, not removed: that is the snapshotter's job.
-    assert {i.key for i in sn.walk()} == {"base", "top", "stray", "mine", "holder"}
+    # The rows go in the collection's transaction; the directories with the snapshot store's cleanup.
+    assert {i.key for i in sn.walk()} == {"base", "top", "mine", "extract-holder", "someones-active"}
 
     # Without the lease the holder snapshot is unreferenced, and so is the blob only it pointed at.
     leases.delete("keep-holder")
     result = collect(db, local)
-    assert result.removed_snapshots == [("native", "default", "holder"), ("native", "default", "stray")]
+    assert result.removed_snapshots == [("native", "default", "extract-holder")]
     assert result.removed_content == [only_from_snapshot]
 
     # With the image gone, "top" and "base" are still reached from the gc.root snapshot "mine".

@@ -497,7 +497,8 @@ def content_rm(state: State, digests: tuple[str, ...], output: str) -> None:
 @output_option
 @pass_state
 def gc(state: State, dry_run: bool, output: str) -> None:
-    """Remove content, blob files and committed snapshots that no image, lease or gc.root references."""
+    """Remove content, blob files and snapshots that no image, lease or gc.root references, and what crashed
+    pulls left (ingests, lock files, unpacks' snapshots). Safe to run while pulling."""
     client = state.client()
     result, snaps = client.gc(dry_run=dry_run)
     report: dict[str, Any] = {
@@ -506,13 +507,20 @@ def gc(state: State, dry_run: bool, output: str) -> None:
         "blobs": [str(d) for d in result.removed_blobs],
         "snapshots": [{"snapshotter": sn, "namespace": ns, "key": key} for sn, ns, key in snaps],
         "expired_leases": [lease for _, lease in result.expired_leases],
+        "ingests": list(result.removed_ingests),
+        "locks": list(result.removed_locks),
+        "unreachable": [{"snapshotter": sn, "error": err} for sn, err in result.unreachable],
     }
     if output == "json":
         emit_json(report)
         return
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb}: {len(report['content'])} content records, {len(report['blobs'])} blob files, "
-               f"{len(snaps)} snapshots, {len(report['expired_leases'])} expired leases")
+               f"{len(snaps)} snapshots, {len(report['expired_leases'])} expired leases, "
+               f"{len(report['ingests'])} stale ingests, {len(report['locks'])} stale lock files")
+    for sn, err in result.unreachable:
+        # Not an error of this gc: the proxy's snapshots are tried again by the next one.
+        click.echo(f"snapshotter {sn} unreachable, its snapshots not collected: {err}")
 
 
 # Commands that live in their own modules (archives, push, CRI).

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
@@ -23,7 +24,13 @@ from typing import BinaryIO, Self
 from cargohold.content.locks import IngestLock
 from cargohold.content.store import Info, Status
 from cargohold.content.writer import LocalWriter, read_status
-from cargohold.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from cargohold.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LockedError,
+    NotFoundError,
+)
 from cargohold.metadata.content import labels_match
 from cargohold.oci.digest import Digest
 
@@ -215,3 +222,37 @@ class LocalStore:
             lock.release(remove=True)
             raise
         lock.release(remove=True)
+
+    def remove_stale_ingests(self, max_age: timedelta = timedelta(days=1)) -> list[str]:
+        """Remove the ingests whose writer is gone (nobody holds their lock: a crash, a kill) and those not
+        written to for ``max_age`` (a writer stuck for that long fails at commit, as with containerd).
+        Returns their refs (``<namespace>/<ref>``, or the directory name when the ref file is missing)."""
+        removed: list[str] = []
+        cutoff = datetime.now(UTC) - max_age
+        try:
+            entries = sorted(self.ingest_dir.iterdir())
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            try:
+                status: Status | None = read_status(entry)
+            except NotFoundError:
+                status = None  # starting (ref not written yet) or half removed: the lock decides
+            ref = status.ref if status is not None else entry.name
+            try:
+                lock = IngestLock.acquire(entry, ref, wait=False)
+            except LockedError:
+                if status is not None and status.updated_at < cutoff:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(ref)
+                continue
+            if status is None:
+                try:
+                    status = read_status(entry)
+                except NotFoundError:
+                    # Nobody holds it and it has no ref: a writer died before writing one, or this is the
+                    # empty directory our own lock just created; either way nothing to keep.
+                    pass
+            lock.release(remove=True)
+            removed.append(status.ref if status is not None else ref)
+        return removed

@@ -7,8 +7,9 @@ twice.
 
 ``delete`` removes the row and, when no namespace has a row left, the blob file, in the same transaction.
 Garbage collection (``metadata.gc``) does the same for content no image, lease or root label reaches.
-Committing, the AlreadyExists shortcut, ``delete`` and GC each run inside one write transaction, so a blob
-file can never be removed between its rename into place and the insert of its row.
+Committing, the AlreadyExists shortcut, ``delete`` and GC's row sweep and per-batch file unlinks each run
+inside a write transaction, so a blob file can never be removed between its rename into place (or its
+claim) and the insert of its row.
 
 Ingest refs are per namespace: the local store holds them as ``<namespace>/<ref>``.
 """
@@ -48,8 +49,9 @@ def _info(record: ContentRecord) -> Info:
 class NamespacedStore:
     """A ``ContentStore`` over ``local``'s files for one ``namespace`` of ``db``.
 
-    With ``lease`` set (see ``with_lease``), every blob this store commits or claims, and every ingest it
-    starts, is added to that lease in the same transaction, so GC keeps it while the lease lives.
+    With ``lease`` set (see ``with_lease``), every blob this store commits, claims, finds (``exists``) or
+    reads, and every ingest it starts, is added to that lease in the same transaction, so GC keeps it while
+    the lease lives.
     """
 
     def __init__(
@@ -82,10 +84,21 @@ class NamespacedStore:
             self._leases.add_resource(self.lease, kind, resource)
 
     def _record(self, digest: Digest) -> ContentRecord:
-        record = self.records.get(digest)
+        record = self._held_record(digest)
         if record is None:
             raise NotFoundError(f"content {digest}: not found in namespace {self.namespace}")
         return record
+
+    def _held_record(self, digest: Digest) -> ContentRecord | None:
+        """The row of ``digest``; with a lease, the blob is added to it in the same transaction, so a blob
+        this store has seen (and is about to rely on: read, skip fetching) is never collected under it."""
+        if self.lease is None:
+            return self.records.get(digest)
+        with self.db.transaction():
+            record = self.records.get(digest)
+            if record is not None:
+                self._hold(KIND_CONTENT, str(digest))
+            return record
 
     # -- Provider --------------------------------------------------------------------------------------------
 
@@ -123,7 +136,8 @@ class NamespacedStore:
                 self.local.remove_blob(digest)
 
     def exists(self, digest: Digest) -> bool:
-        return self.records.get(digest) is not None and self.local.exists(digest)
+        """Whether the blob is visible here; with a lease, an existing blob is added to it."""
+        return self._held_record(digest) is not None and self.local.exists(digest)
 
     # -- Ingester ---------------------------------------------------------------------------------------
 

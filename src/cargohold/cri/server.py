@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -21,10 +20,10 @@ from cargohold import __version__, grpcserve
 from cargohold.client import Client
 from cargohold.cri import images as criimages
 from cargohold.cri.errors import grpc_code
+from cargohold.cri.gcloop import GCScheduler
 from cargohold.cri.proto import api_pb2 as pb
 from cargohold.cri.proto import api_pb2_grpc as pb_grpc
 from cargohold.errors import (
-    CargoholdError,
     InvalidArgumentError,
     NotFoundError,
 )
@@ -45,9 +44,9 @@ _stream = grpcserve.stream("CRI", grpc_code, grpc.StatusCode.INTERNAL)
 class ImageService(pb_grpc.ImageServiceServicer):
     """CRI's image service on a client, as containerd's CRI plugin answers it."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, gc: GCScheduler) -> None:
         self.client = client
-        self._gc_lock = threading.Lock()
+        self._gc = gc
 
     def _matching(self, flt: pb.ImageFilter | None) -> list[pb.Image]:
         wanted = flt.image.image if flt is not None and flt.HasField("image") else ""
@@ -104,13 +103,9 @@ class ImageService(pb_grpc.ImageServiceServicer):
             raise InvalidArgumentError("RemoveImage: empty image")
         removed = self.client.remove_runtime_image(name)
         if removed:
-            # As containerd's synchronous delete: free the content and snapshots now, so that the usage
-            # kubelet's image GC reads next has gone down. Best effort; a failure leaves them to the next gc.
-            with self._gc_lock:
-                try:
-                    self.client.gc()
-                except CargoholdError as exc:
-                    log.warning("gc after removing %s failed: %s", ", ".join(removed), exc)
+            # The content and snapshots go in a background gc (coalesced, one at a time): kubelet's image GC
+            # removes images in bursts, and a full gc per call would serialise them behind it.
+            self._gc.request()
         return pb.RemoveImageResponse()
 
     @_rpc
@@ -134,6 +129,8 @@ class CRIServer:
     def __init__(self, client: Client, socket_path: Path | str, *, max_workers: int = 8) -> None:
         self.client = client
         self._unix = grpcserve.UnixServer(socket_path, max_workers=max_workers, thread_name="cri")
+        self.gc = GCScheduler(client.gc)
+        """The background gc that ``RemoveImage`` requests (``gc.wait_idle()`` waits for it)."""
 
     @property
     def socket_path(self) -> Path:
@@ -150,10 +147,15 @@ class CRIServer:
 
         def register(server: grpc.Server) -> None:
             # The generated *_pb2_grpc module has no type hints (grpcio-tools writes no stub for it).
-            pb_grpc.add_ImageServiceServicer_to_server(ImageService(self.client), server)  # type: ignore[no-untyped-call]
+            pb_grpc.add_ImageServiceServicer_to_server(ImageService(self.client, self.gc), server)  # type: ignore[no-untyped-call]
             pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(), server)  # type: ignore[no-untyped-call]
 
-        self._unix.start(register)
+        self.gc.start()
+        try:
+            self._unix.start(register)
+        except BaseException:
+            self.gc.stop()
+            raise
         log.info("CRI image service on %s (namespace %s)", self.address, self.client.namespace)
 
     def stop(self, grace: float | None = 5.0) -> None:
@@ -161,6 +163,7 @@ class CRIServer:
         for) and remove the socket. A server that never bound the socket leaves the path alone: it may be
         another's."""
         self._unix.stop(grace)
+        self.gc.stop()
 
     def __enter__(self) -> Self:
         self.start()

@@ -47,3 +47,7 @@ LEASE_PULL = "cargohold.io/pull"
 LEASE_UNPACK = "cargohold.io/unpack"
 LEASE_IMPORT = "cargohold.io/import"
 LEASE_COPY = "cargohold.io/copy"
+LEASE_PUSH = "cargohold.io/push"
+LEASE_PROCESS = "cargohold.io/pid"
+"""On a lease: ``<pid>:<start time>:<pid namespace>`` of the process that holds it; gc drops the lease once
+that process is gone (a crash, a kill -9), so what it held does not wait for the lease to expire."""

@@ -10,6 +10,7 @@ Resource kinds: ``content`` (a digest), ``ingest`` (an ingest ref), ``snapshots/
 from __future__ import annotations
 
 import builtins
+import os
 import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,10 +28,50 @@ from cargohold.metadata.db import (
     to_text,
     utcnow,
 )
+from cargohold.metadata.labels import LEASE_PROCESS
 
 KIND_CONTENT = "content"
 KIND_INGEST = "ingest"
 KIND_SNAPSHOTS = "snapshots"  # stored as "snapshots/<snapshotter>"
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of process ``pid`` from /proc, None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses, so count from the last ")".
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:
+        return ""
+
+
+def process_token(pid: int | None = None) -> str:
+    """``<pid>:<start time>:<pid namespace>`` of this process (or of ``pid``, in ours): names the process even
+    after its pid is reused."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_time(pid) or ''}:{_pid_namespace()}"
+
+
+def process_alive(token: str) -> bool:
+    """Whether the process a ``process_token`` names still runs. A token this process cannot check (another
+    pid namespace: a container sharing the data root; no /proc; malformed) counts as alive: gc then only drops
+    the lease when it expires."""
+    pid_text, _, rest = token.partition(":")
+    start, _, namespace = rest.partition(":")
+    if not pid_text.isdigit() or not start or not os.path.isdir("/proc/self"):
+        return True
+    if namespace != _pid_namespace():
+        return True
+    return _start_time(int(pid_text)) == start
 
 
 def snapshot_kind(snapshotter: str) -> str:
@@ -167,9 +208,10 @@ class LeaseStore:
     def hold(self, *, expires_in: timedelta | None = timedelta(hours=24),
              labels: Mapping[str, str] | None = None) -> Iterator[Lease]:
         """A fresh lease for the ``with`` block, deleted after it (also on error). It expires after
-        ``expires_in`` anyway, so a crashed process does not pin content for ever."""
+        ``expires_in`` anyway, so a crashed process does not pin content for ever; it also names this process
+        (``cargohold.io/pid``), so gc drops it as soon as the process is gone."""
         expires_at = utcnow() + expires_in if expires_in is not None else None
-        lease = self.create(labels=labels, expires_at=expires_at)
+        lease = self.create(labels={**(labels or {}), LEASE_PROCESS: process_token()}, expires_at=expires_at)
         try:
             yield lease
         finally:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.errors import FailedPreconditionError, InvalidArgumentError
 from cargohold.events import Event, EventSink
+from cargohold.metadata.labels import LEASE_PUSH
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.oci.platform import Platform, PlatformMatcher
@@ -76,8 +77,11 @@ def push(store: Store, ref: str, local: str | None = None, *, resolver: Resolver
     """
     reference = Reference.parse(ref)
     image = images.image(store, local or ref)
-    return push_target(reference, image.target, store.content, resolver=resolver, on_event=on_event,
-                       what=f"image {image.name}", options=options)
+    # A lease: every blob the push reads is held before it is read, so removing the image meanwhile and a
+    # gc cannot pull blobs out from under the upload.
+    with store.leases.hold(labels={LEASE_PUSH: str(reference)[-200:]}) as lease:
+        return push_target(reference, image.target, store.content.with_lease(lease.id), resolver=resolver,
+                           on_event=on_event, what=f"image {image.name}", options=options)
 
 
 def push_target(reference: Reference, root: Descriptor, content: NamespacedStore, *, resolver: Resolver,

@@ -13,6 +13,11 @@ Layers are fetched and applied as they arrive. On a snapshotter that can rebase 
 applied into its own upper directory in parallel and committed onto its parent in order; elsewhere layers apply
 in order. Two unpacks of the same chainID (threads or processes) serialise on a file lock: one does the work,
 the other finds the snapshot and reuses it.
+
+Garbage collection: ``hold`` (the caller's lease) gets every snapshot name before the unpacker looks at it or
+prepares it, its own ``extract-…`` keys included, so a concurrent gc either keeps it or had removed it before
+the look. A parent that vanishes anyway (removed by hand between the look and the prepare) makes the unpack
+start over (a few times) instead of failing: the layers still there are found again, the missing rebuilt.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from cargohold.errors import (
 )
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.image import ResolvedManifest
+from cargohold.metadata.gc import UNPACK_KEY_PREFIX
 from cargohold.metadata.labels import LABEL_GC_REF_SNAPSHOT, SNAPSHOT_REF, UNCOMPRESSED
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
@@ -83,6 +89,18 @@ class _Aborted(Exception):
     """Another layer failed; this one stops waiting."""
 
 
+class _ParentVanished(Exception):
+    """A parent snapshot found committed was gone when the layer was prepared on it."""
+
+    def __init__(self, error: NotFoundError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+ATTEMPTS = 3
+"""Unpacks of one manifest when parents vanish under it."""
+
+
 class Unpacker:
     """Unpacks manifests into one snapshotter, fetching layer blobs through ``fetch`` when they are missing.
 
@@ -116,6 +134,16 @@ class Unpacker:
         self.locks_dir.mkdir(parents=True, exist_ok=True)
 
     def unpack(self, resolved: ResolvedManifest, *, layer_labels: LayerLabelsFn | None = None) -> UnpackResult:
+        for attempt in range(ATTEMPTS):
+            try:
+                return self._unpack(resolved, layer_labels)
+            except _ParentVanished as exc:
+                if attempt == ATTEMPTS - 1:
+                    raise exc.error from None
+                log.info("unpack of %s: %s; starting over", resolved.descriptor.digest, exc)
+        raise AssertionError("unreachable")
+
+    def _unpack(self, resolved: ResolvedManifest, layer_labels: LayerLabelsFn | None) -> UnpackResult:
         layers = resolved.manifest.layers
         chains = resolved.chain_ids
         if not layers:
@@ -173,11 +201,13 @@ class Unpacker:
                 return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="exists",
                                     fetched=fetched)
             labels = {SNAPSHOT_REF: str(chain), **inherited_labels(layer.annotations), **extra_labels}
-            key = f"extract-{time.time_ns()}-{os.getpid()}-{chain.hex[:12]}"
+            key = f"{UNPACK_KEY_PREFIX}{time.time_ns()}-{os.getpid()}-{chain.hex[:12]}"
+            if self.hold is not None:
+                self.hold(key)  # gc removes it once this process (and its lease) is gone
             if self.remote:
                 _wait(committed, i - 1, failed)
                 try:
-                    mounts = self.snapshotter.prepare(key, parent, labels)
+                    mounts = self._prepare(key, parent, labels)
                 except AlreadyExistsError:
                     # The remote snapshotter provides this layer lazily: nothing to fetch or apply.
                     self.on_event(Event(action="apply", status="skipped", item=item, media_type=layer.media_type,
@@ -201,7 +231,7 @@ class Unpacker:
             else:
                 try:
                     _wait(committed, i - 1, failed)
-                    mounts = self.snapshotter.prepare(key, parent, labels)
+                    mounts = self._prepare(key, parent, labels)
                     self._apply_mounted(mounts, layer, resolved.diff_ids[i])
                     self._commit(str(chain), key, labels)
                 except BaseException:
@@ -230,6 +260,14 @@ class Unpacker:
             self._discard(key)
             raise
         return True
+
+    def _prepare(self, key: str, parent: str, labels: dict[str, str]) -> list:  # type: ignore[type-arg]
+        try:
+            return self.snapshotter.prepare(key, parent, labels)
+        except NotFoundError as exc:
+            if parent and not self._snapshot_exists(parent):
+                raise _ParentVanished(exc) from exc
+            raise
 
     def _snapshot_exists(self, name: str) -> bool:
         try:
@@ -288,6 +326,11 @@ class Unpacker:
         except AlreadyExistsError:
             # Someone committed the same chainID meanwhile (outside our lock, e.g. another tool): reuse theirs.
             self._discard(key)
+        except NotFoundError as exc:
+            self._discard(key)
+            if parent and not self._snapshot_exists(parent):
+                raise _ParentVanished(exc) from exc
+            raise
         except BaseException:
             self._discard(key)
             raise
@@ -299,9 +342,19 @@ class Unpacker:
     @contextlib.contextmanager
     def _chain_lock(self, chain: Digest) -> Iterator[None]:
         path = self.locks_dir / f"{self.snapshotter.name}-{chain.hex}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            # gc removed this (then unlocked) file after we opened it: lock the one the path names now.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -311,6 +364,37 @@ class Unpacker:
         config = resolved.manifest.config.digest
         with contextlib.suppress(NotFoundError):
             self.content.update(config, {f"{LABEL_GC_REF_SNAPSHOT}.{self.snapshotter.name}": str(top)})
+
+
+def remove_stale_locks(locks_dir: Path) -> list[str]:
+    """Delete the chain lock files nobody holds (left by unpacks that ended or died); returns their names.
+
+    Each is unlinked while we hold its flock, and lockers check after locking that the path still names
+    the file they locked, so a locker never works under a lock file that is gone."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(locks_dir))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not entry.name.endswith(".lock"):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # an unpack is working on this chain
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(entry.path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+        finally:
+            os.close(fd)
+    return sorted(removed)
 
 
 def _wait(committed: list[threading.Event], index: int, failed: threading.Event) -> None:
