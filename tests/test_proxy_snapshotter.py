@@ -4,11 +4,15 @@ pulls into it as a remote snapshotter configured in config.toml."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime
@@ -39,6 +43,8 @@ from cargohold.metadata.labels import (
 from cargohold.snapshots import Info, Kind, Mount, Snapshotter, Usage, open_proxy_snapshotter, with_temp_mount
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from cargohold.snapshots.proxy import ProxySnapshotter
+from support.cli import cli
+from support.estargz import estargz_image
 from support.stargz import (  # noqa: F401 (stargz_binary, stargz_daemon: fixtures)
     StargzDaemon,
     mounts_under,
@@ -666,4 +672,135 @@ def test_estargz_layer_verified_against_toc_digest_label(
             assert (mnt / "opt" / "small").read_bytes() == b"small\n"
         sn.remove("check")
 
+    assert not mounts_under(tmp_path)
+
+
+# --- lazy images end to end: check, export, push, copy, gc, rootfs ---------------------------------------
+
+
+def _registry_blob(url: str, repo: str, digest: str) -> bytes | None:
+    """The blob's bytes as the registry serves them, None when it has none."""
+    try:
+        with urllib.request.urlopen(f"{url}/v2/{repo}/blobs/{digest}") as resp:
+            data: bytes = resp.read()
+            return data
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def _archive_blob(path: Path, digest: str) -> bytes:
+    with tarfile.open(path) as tar:
+        member = tar.extractfile(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+        assert member is not None
+        return member.read()
+
+
+def _forget_blob(root: Path, digest: str) -> None:
+    cli(root, "content", "rm", digest)
+    assert cli(root, "content", "get", digest, check=False).returncode != 0
+
+
+@needs_root
+def test_lazy_image_checks_exports_pushes_copies_and_survives_gc(
+    registry: Any, stargz_binary: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    """An image unpacked lazily is complete for ``images check`` (its lazy layer blob is remote, not missing);
+    export, push and copy fetch that blob from the image's registry on demand; gc loses nothing."""
+    why = _fuse_usable()
+    if why:
+        pytest.skip(f"lazy eStargz layers need FUSE: {why}")
+    img, _ = estargz_image({"app/run": b"#!/bin/sh\necho lazy\n", "app/data": os.urandom(100_000)},
+                           extra_layers=[samples.files_layer({"etc/conf": b"x=1\n"})])
+    samples.push(registry.url, "lazy/e2e", "v1", img)
+    ref = f"{registry.host}/lazy/e2e:v1"
+    lazy_blob = img.layers[0]
+    with running_stargz(stargz_binary, tmp_path, config=_stargz_config(registry.host)) as daemon:
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "config.toml").write_text(_config_toml(daemon.socket))
+        client = Client(root)
+        try:
+            result = client.pull(ref, snapshotter="stargz", layer_labels=True)
+        finally:
+            client.close()
+        assert result.unpack is not None and result.unpack.layers[0].status == "remote"
+
+        report = json.loads(cli(root, "images", "check", ref, "--output", "json").stdout)[0]
+        assert (report["status"], report["missing"], report["remote"]) == ("complete", [], [str(lazy_blob.digest)])
+        assert report["unpacked"]["stargz"] is True
+        table_out = cli(root, "images", "check", ref).stdout
+        assert "complete (lazy)" in table_out
+
+        # gc keeps the lazy snapshots and loses nothing: the image stays complete (lazy).
+        cli(root, "gc")
+        assert json.loads(cli(root, "images", "check", ref, "--output", "json").stdout)[0]["remote"] == [
+            str(lazy_blob.digest)]
+
+        # export: no --fetch-missing needed; the archive has every blob.
+        archive = tmp_path / "lazy.tar"
+        cli(root, "export", str(archive), ref)
+        for blob in (img.manifest, img.config, *img.layers):
+            assert _archive_blob(archive, str(blob.digest)) == blob.data
+        _forget_blob(root, str(lazy_blob.digest))
+
+        # push to another repository: the lazy blob is fetched first, then pushed.
+        cli(root, "push", f"{registry.host}/pushed/e2e:v1", ref)
+        for blob in (img.config, *img.layers):
+            assert _registry_blob(registry.url, "pushed/e2e", str(blob.digest)) == blob.data
+        _forget_blob(root, str(lazy_blob.digest))
+
+        # copy from the store to an archive and to a registry.
+        copied = tmp_path / "copied.tar"
+        cli(root, "copy", f"local:{ref}", f"oci-archive:{copied}")
+        assert _archive_blob(copied, str(lazy_blob.digest)) == lazy_blob.data
+        _forget_blob(root, str(lazy_blob.digest))
+        cli(root, "copy", f"local:{ref}", f"{registry.host}/copied/e2e:v1")
+        assert _registry_blob(registry.url, "copied/e2e", str(lazy_blob.digest)) == lazy_blob.data
+
+        # Its source gone, a lazy image's export fails naming the blob and the image's registry.
+        _forget_blob(root, str(lazy_blob.digest))
+        cli(root, "images", "tag", ref, f"{registry.host}/nowhere/e2e:v1")
+        cli(root, "images", "rm", ref)
+        failed = cli(root, "export", str(tmp_path / "no.tar"), f"{registry.host}/nowhere/e2e:v1", check=False)
+        assert failed.returncode != 0 and "Traceback" not in failed.stderr
+        assert str(lazy_blob.digest) in failed.stderr and "fetching failed" in failed.stderr
+    assert not mounts_under(tmp_path)
+
+
+@needs_root
+def test_prepare_rootfs_into_stargz_needs_no_local_layer_blobs(
+    registry: Any, stargz_binary: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    """A container rootfs for a handler whose snapshotter is stargz, from an image whose layer blobs are not
+    in the store: the target labels let stargz fetch the layers itself."""
+    why = _fuse_usable()
+    if why:
+        pytest.skip(f"lazy eStargz layers need FUSE: {why}")
+    files = {"srv/index.html": b"<p>lazy rootfs</p>\n", "srv/blob": os.urandom(50_000)}
+    img, _ = estargz_image(files)
+    samples.push(registry.url, "lazy/rootfs", "v1", img)
+    ref = f"{registry.host}/lazy/rootfs:v1"
+    with running_stargz(stargz_binary, tmp_path, config=_stargz_config(registry.host)) as daemon:
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "config.toml").write_text(_config_toml(daemon.socket))
+        cli(root, "pull", "--no-unpack", ref)
+        _forget_blob(root, str(img.layers[0].digest))
+        client = Client(root)
+        try:
+            # Not so into a local snapshotter: that needs the blob, and names it.
+            with pytest.raises(FailedPreconditionError, match=str(img.layers[0].digest)):
+                client.prepare_rootfs("c-local", ref)
+            mounts = client.prepare_rootfs("c1", ref, "kata")
+            assert not client.content.exists(img.layers[0].digest)
+            with with_temp_mount(mounts, root=tmp_path / "mnt") as mnt:
+                for name, data in files.items():
+                    assert (mnt / name).read_bytes() == data
+            check = client.check(ref)
+            assert check.complete and [d.digest for d in check.remote] == [img.layers[0].digest]
+            client.snapshotter("stargz").remove("c1")
+        finally:
+            client.close()
     assert not mounts_under(tmp_path)

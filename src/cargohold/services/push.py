@@ -26,6 +26,7 @@ from cargohold.remotes.pushplan import PushPlan, plan_push, push_image
 from cargohold.remotes.resolver import Resolver
 from cargohold.remotes.sources import add_source_label, source_label
 from cargohold.services import images
+from cargohold.services.lazy import fetch_remote
 from cargohold.store import Store
 
 
@@ -75,6 +76,10 @@ def push(
     """
     reference = Reference.parse(ref)
     image = images.image(store, local or ref)
+    # A lazily unpacked image's remote layer blobs come from its source first (the push needs their bytes).
+    check = images.check(store, image.name, platforms=platforms, all_platforms=all_platforms or not platforms)
+    if check.remote:
+        fetch_remote(store, image, check, lambda: resolver, on_event, f"cannot push image {image.name}")
     return push_target(
         reference, image.target, store.content, resolver=resolver, on_event=on_event, what=f"image {image.name}",
         platforms=platforms, all_platforms=all_platforms, chunk_threshold=chunk_threshold, chunk_size=chunk_size,
