@@ -113,9 +113,10 @@ class StargzDaemon:
                                      f"{self.log_text()[-3000:]}") from None
         return self
 
-    def snapshotter(self, *, namespace: str = "default", remote: bool = False, name: str = NAME
-                    ) -> ProxySnapshotter:
-        client = ProxySnapshotter(name, str(self.socket), namespace=namespace, remote=remote)
+    def snapshotter(self, *, namespace: str = "default", remote: bool = False, name: str = NAME,
+                    namespaced_keys: bool = False) -> ProxySnapshotter:
+        client = ProxySnapshotter(name, str(self.socket), namespace=namespace, remote=remote,
+                                  namespaced_keys=namespaced_keys)
         self._clients.append(client)
         return client
 
