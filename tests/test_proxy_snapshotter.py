@@ -803,3 +803,53 @@ def test_prepare_rootfs_into_stargz_needs_no_local_layer_blobs(
         finally:
             client.close()
     assert not mounts_under(tmp_path)
+
+
+@needs_root
+def test_two_namespaces_share_one_stargz_daemon_without_colliding(
+    registry: Any, stargz_binary: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    """stargz ignores the namespace header; with the remote proxy's namespaced keys (the default) two cargohold
+    namespaces pulling the same image get their own snapshots, and removing one's leaves the other's."""
+    why = _fuse_usable()
+    if why:
+        pytest.skip(f"lazy eStargz layers need FUSE: {why}")
+    img, _ = estargz_image({"app/one": b"one\n"}, extra_layers=[samples.files_layer({"etc/two": b"two\n"})])
+    samples.push(registry.url, "lazy/shared", "v1", img)
+    ref = f"{registry.host}/lazy/shared:v1"
+    with running_stargz(stargz_binary, tmp_path, config=_stargz_config(registry.host)) as daemon:
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "config.toml").write_text(_config_toml(daemon.socket))
+        clients = {ns: Client(root, namespace=ns) for ns in ("default", "team-b")}
+        try:
+            for client in clients.values():
+                result = client.pull(ref, snapshotter="stargz", layer_labels=True)
+                assert result.unpack is not None
+                # Each namespace unpacks for itself: nothing "exists" from the other namespace.
+                assert [layer.status for layer in result.unpack.layers] == ["remote", "unpacked"]
+            chains = [str(c) for c in clients["default"].resolve_manifest(ref).chain_ids]
+            raw = daemon.snapshotter()  # the daemon's own key space, no prefixes
+            assert sorted(i.key for i in raw.walk("kind==committed")) == sorted(
+                f"{ns}/{c}" for ns in clients for c in chains)
+            for ns, client in clients.items():
+                sn = client.snapshotter("stargz")
+                assert sorted(i.key for i in sn.walk()) == sorted(chains)
+                assert sn.stat(chains[1]).parent == chains[0]
+                assert raw.stat(f"{ns}/{chains[1]}").parent == f"{ns}/{chains[0]}"
+
+            default_sn, other_sn = (clients[ns].snapshotter("stargz") for ns in ("default", "team-b"))
+            default_sn.remove(chains[1])
+            default_sn.remove(chains[0])
+            assert list(default_sn.walk()) == []
+            assert sorted(i.key for i in other_sn.walk()) == sorted(chains)
+            mounts = clients["team-b"].prepare_rootfs("c1", ref, "kata")
+            with with_temp_mount(mounts, root=tmp_path / "mnt") as mnt:
+                assert (mnt / "app" / "one").read_bytes() == b"one\n"
+                assert (mnt / "etc" / "two").read_bytes() == b"two\n"
+            other_sn.remove("c1")
+            assert "c1" not in {i.key for i in default_sn.walk()}
+        finally:
+            for client in clients.values():
+                client.close()
+    assert not mounts_under(tmp_path)
