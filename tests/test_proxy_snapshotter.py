@@ -23,6 +23,7 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
+import support.stargz as stargz_support
 from cargohold.client import Client
 from cargohold.devtools import samples
 from cargohold.errors import (
@@ -853,3 +854,28 @@ def test_two_namespaces_share_one_stargz_daemon_without_colliding(
             for client in clients.values():
                 client.close()
     assert not mounts_under(tmp_path)
+
+
+def test_failed_daemon_build_is_a_failure_not_a_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe ships with the repository, so a build that fails must fail the stargz tests (with the
+    build's own output), never skip them."""
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (recipe / "build.sh").write_text("echo 'go: cannot find package broken/recipe' >&2\nexit 3\n")
+    (recipe / "main.go").write_text(f"package main // {tmp_path}\n")  # a hash no cached binary has
+    monkeypatch.setattr(stargz_support, "TOOL_DIR", recipe)
+    monkeypatch.setattr(stargz_support, "_packages_present", lambda: True)
+    try:
+        stargz_support.build_stargz(tmp_path / "build.log")
+    except BaseException as exc:  # noqa: BLE001 (pytest.skip raises a BaseException: that must not happen)
+        assert isinstance(exc, AssertionError), f"{type(exc).__name__}: {exc}"
+        assert "building the stargz daemon failed (exit 3)" in str(exc)
+        assert "cannot find package broken/recipe" in str(exc)
+    else:
+        pytest.fail("a failing build.sh gave a binary")
+    assert "broken/recipe" in (tmp_path / "build.log").read_text()
+
+
+def test_daemon_recipe_is_in_the_repository() -> None:
+    assert stargz_support.TOOL_DIR == Path(__file__).resolve().parents[1] / "scripts" / "stargz-grpc"
+    assert (stargz_support.TOOL_DIR / "build.sh").is_file() and (stargz_support.TOOL_DIR / "main.go").is_file()
