@@ -734,7 +734,9 @@ def test_lazy_image_checks_exports_pushes_copies_and_survives_gc(
         assert "complete (lazy)" in table_out
 
         # gc keeps the lazy snapshots and loses nothing: the image stays complete (lazy).
+        chains = [str(c) for c in Client(root).resolve_manifest(ref).chain_ids]
         cli(root, "gc")
+        assert sorted(i.key for i in daemon.snapshotter(namespaced_keys=True).walk()) == sorted(chains)
         assert json.loads(cli(root, "images", "check", ref, "--output", "json").stdout)[0]["remote"] == [
             str(lazy_blob.digest)]
 
@@ -766,6 +768,17 @@ def test_lazy_image_checks_exports_pushes_copies_and_survives_gc(
         renamed = tmp_path / "renamed.tar"
         cli(root, "export", str(renamed), f"{registry.host}/nowhere/e2e:v1")
         assert _archive_blob(renamed, str(lazy_blob.digest)) == lazy_blob.data
+
+        # With its source gone, export and push fail naming the blob; the image itself is still lazy, not broken.
+        _forget_blob(root, str(lazy_blob.digest))
+        registry.stop()
+        for args in (("export", str(tmp_path / "no.tar")), ("push", f"{registry.host}/again/e2e:v1")):
+            failed = cli(root, *args, f"{registry.host}/nowhere/e2e:v1", check=False)
+            error = failed.stderr.strip().splitlines()[-1]  # after the progress lines
+            assert failed.returncode == 1 and error.startswith("cargohold: error: "), failed.stderr
+            assert str(lazy_blob.digest) in error and "Connection refused" in error
+            assert "Traceback" not in failed.stderr
+        assert cli(root, "images", "check", f"{registry.host}/nowhere/e2e:v1").returncode == 0
     assert not mounts_under(tmp_path)
 
 

@@ -224,17 +224,18 @@ def _ensure_unpacked(store: Store, name: str, snapshotter: str, on_event: EventS
     if resolved is not None and committed_in(store, resolved, snapshotter):
         return resolved.chain_ids[-1], None
     check = images.check(store, name)
-    missing = check.missing
+    # A lazily unpacked image's remote blobs are as missing as any for a local unpack (which never fetches).
+    missing = (*check.missing, *check.remote)
     if resolved is not None and getattr(store.snapshotter(snapshotter), "remote", False):
         # A remote snapshotter fetches layers itself from the target labels: only the manifest and config
         # must be here (a layer it cannot provide lazily is then an unpack error naming the blob).
         layers = {layer.digest for layer in resolved.manifest.layers}
-        missing = tuple(d for d in (*missing, *check.remote) if d.digest not in layers)
+        missing = tuple(d for d in missing if d.digest not in layers)
     if missing:
         raise FailedPreconditionError(
             f"image {name}: cannot unpack into snapshotter {snapshotter}: {len(missing)} blob(s) missing "
-            f"from the content store (garbage-collected?): {', '.join(str(d.digest) for d in missing)}; "
-            "pull the image again"
+            "from the content store (garbage-collected, or left remote by a lazy unpack?): "
+            f"{', '.join(str(d.digest) for d in missing)}; pull the image again"
         )
     result = unpack(store, name, on_event=on_event, executor=executor, snapshotter=snapshotter, fetch_missing=False,
                     layer_labels=not store.config.disable_snapshot_annotations)
