@@ -17,7 +17,7 @@ if [ "$what" = test ]; then
   # tests/test_rootless.py runs the CLI as nobody with the system interpreter (the venv's may be unreadable)
   [ -x /usr/bin/python3 ] || need="$need python3"
   have setpriv || need="$need util-linux"
-  # tests/test_proxy_snapshotter.py builds a stargz remote snapshotter with shared/tools/stargz-grpc/build.sh
+  # tests/test_proxy_snapshotter.py builds a stargz remote snapshotter with scripts/stargz-grpc/build.sh
   have go || need="$need golang-go"
   dpkg -s golang-github-containerd-stargz-snapshotter-dev >/dev/null 2>&1 || need="$need golang-github-containerd-stargz-snapshotter-dev"
   dpkg -s golang-github-hanwen-go-fuse-dev >/dev/null 2>&1 || need="$need golang-github-hanwen-go-fuse-dev"

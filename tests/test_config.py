@@ -47,6 +47,7 @@ snapshotter = "native"
     ("[snapshotters.stargz]\nremote = true\n", r"\[snapshotters.stargz\]: address .* is required"),
     ("snapshotter = \n", "config .*config.toml: "),
     ("[snapshotters.s]\naddress = '/x'\nremote = 'yes'\n", "remote must be true or false"),
+    ("[snapshotters.s]\naddress = '/x'\nnamespaced_keys = 1\n", "namespaced_keys must be true or false"),
     ("[snapshotters.s]\naddress = '/x'\ntype = 'native'\n", "type must be \"proxy\""),
     ("snapshotter = 3\n", "snapshotter must be a string"),
     ("runtimes = 'x'\n", "runtimes must be a table"),
@@ -103,7 +104,17 @@ def test_full_config_parses(tmp_path: Path) -> None:
     assert cfg.snapshotter_for("") == "native"
     assert cfg.snapshotters["stargz"].address == "/run/stargz.sock"
     assert cfg.snapshotters["stargz"].remote is True
+    assert cfg.snapshotters["stargz"].namespaced_keys is True  # a remote proxy's default
     assert cfg.path == path
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("", False), ("remote = true\n", True), ("remote = true\nnamespaced_keys = false\n", False),
+    ("namespaced_keys = true\n", True),
+])
+def test_namespaced_keys_default_to_remote(tmp_path: Path, extra: str, expected: bool) -> None:
+    cfg = load_config(write(tmp_path, f"[snapshotters.s]\naddress = '/x'\n{extra}"))
+    assert cfg.snapshotters["s"].namespaced_keys is expected
 
 
 def test_client_reads_root_config(tmp_path: Path) -> None:

@@ -4,11 +4,15 @@ pulls into it as a remote snapshotter configured in config.toml."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime
@@ -19,6 +23,7 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
+import support.stargz as stargz_support
 from cargohold.client import Client
 from cargohold.devtools import samples
 from cargohold.errors import (
@@ -39,6 +44,8 @@ from cargohold.metadata.labels import (
 from cargohold.snapshots import Info, Kind, Mount, Snapshotter, Usage, open_proxy_snapshotter, with_temp_mount
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from cargohold.snapshots.proxy import ProxySnapshotter
+from support.cli import cli
+from support.estargz import estargz_image
 from support.stargz import (  # noqa: F401 (stargz_binary, stargz_daemon: fixtures)
     StargzDaemon,
     mounts_under,
@@ -667,3 +674,221 @@ def test_estargz_layer_verified_against_toc_digest_label(
         sn.remove("check")
 
     assert not mounts_under(tmp_path)
+
+
+# --- lazy images end to end: check, export, push, copy, gc, rootfs ---------------------------------------
+
+
+def _registry_blob(url: str, repo: str, digest: str) -> bytes | None:
+    """The blob's bytes as the registry serves them, None when it has none."""
+    try:
+        with urllib.request.urlopen(f"{url}/v2/{repo}/blobs/{digest}") as resp:
+            data: bytes = resp.read()
+            return data
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def _archive_blob(path: Path, digest: str) -> bytes:
+    with tarfile.open(path) as tar:
+        member = tar.extractfile(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+        assert member is not None
+        return member.read()
+
+
+def _forget_blob(root: Path, digest: str) -> None:
+    cli(root, "content", "rm", digest)
+    assert cli(root, "content", "get", digest, check=False).returncode != 0
+
+
+@needs_root
+def test_lazy_image_checks_exports_pushes_copies_and_survives_gc(
+    registry: Any, stargz_binary: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    """An image unpacked lazily is complete for ``images check`` (its lazy layer blob is remote, not missing);
+    export, push and copy fetch that blob from the image's registry on demand; gc loses nothing."""
+    why = _fuse_usable()
+    if why:
+        pytest.skip(f"lazy eStargz layers need FUSE: {why}")
+    img, _ = estargz_image({"app/run": b"#!/bin/sh\necho lazy\n", "app/data": os.urandom(100_000)},
+                           extra_layers=[samples.files_layer({"etc/conf": b"x=1\n"})])
+    samples.push(registry.url, "lazy/e2e", "v1", img)
+    ref = f"{registry.host}/lazy/e2e:v1"
+    lazy_blob = img.layers[0]
+    with running_stargz(stargz_binary, tmp_path, config=_stargz_config(registry.host)) as daemon:
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "config.toml").write_text(_config_toml(daemon.socket))
+        client = Client(root)
+        try:
+            result = client.pull(ref, snapshotter="stargz", layer_labels=True)
+        finally:
+            client.close()
+        assert result.unpack is not None and result.unpack.layers[0].status == "remote"
+
+        report = json.loads(cli(root, "images", "check", ref, "--output", "json").stdout)[0]
+        assert (report["status"], report["missing"], report["remote"]) == ("complete", [], [str(lazy_blob.digest)])
+        table_out = cli(root, "images", "check", ref).stdout
+        assert "complete (lazy)" in table_out
+
+        # gc keeps the lazy snapshots and loses nothing: the image stays complete (lazy).
+        chains = [str(c) for c in Client(root).resolve_manifest(ref).chain_ids]
+        cli(root, "gc")
+        assert sorted(i.key for i in daemon.snapshotter(namespaced_keys=True).walk()) == sorted(chains)
+        assert json.loads(cli(root, "images", "check", ref, "--output", "json").stdout)[0]["remote"] == [
+            str(lazy_blob.digest)]
+
+        # export: no --fetch-missing needed; the archive has every blob.
+        archive = tmp_path / "lazy.tar"
+        cli(root, "export", str(archive), ref)
+        for blob in (img.manifest, img.config, *img.layers):
+            assert _archive_blob(archive, str(blob.digest)) == blob.data
+        _forget_blob(root, str(lazy_blob.digest))
+
+        # push to another repository: the lazy blob is fetched first, then pushed.
+        cli(root, "push", f"{registry.host}/pushed/e2e:v1", ref)
+        for blob in (img.config, *img.layers):
+            assert _registry_blob(registry.url, "pushed/e2e", str(blob.digest)) == blob.data
+        _forget_blob(root, str(lazy_blob.digest))
+
+        # copy from the store to an archive and to a registry.
+        copied = tmp_path / "copied.tar"
+        cli(root, "copy", f"local:{ref}", f"oci-archive:{copied}")
+        assert _archive_blob(copied, str(lazy_blob.digest)) == lazy_blob.data
+        _forget_blob(root, str(lazy_blob.digest))
+        cli(root, "copy", f"local:{ref}", f"{registry.host}/copied/e2e:v1")
+        assert _registry_blob(registry.url, "copied/e2e", str(lazy_blob.digest)) == lazy_blob.data
+
+        # Under a name no registry knows, the blob comes from where the image came from (its source label).
+        _forget_blob(root, str(lazy_blob.digest))
+        cli(root, "images", "tag", ref, f"{registry.host}/nowhere/e2e:v1")
+        cli(root, "images", "rm", ref)
+        renamed = tmp_path / "renamed.tar"
+        cli(root, "export", str(renamed), f"{registry.host}/nowhere/e2e:v1")
+        assert _archive_blob(renamed, str(lazy_blob.digest)) == lazy_blob.data
+
+        # With its source gone, export and push fail naming the blob; the image itself is still lazy, not broken.
+        _forget_blob(root, str(lazy_blob.digest))
+        registry.stop()
+        for args in (("export", str(tmp_path / "no.tar")), ("push", f"{registry.host}/again/e2e:v1")):
+            failed = cli(root, *args, f"{registry.host}/nowhere/e2e:v1", check=False)
+            error = failed.stderr.strip().splitlines()[-1]  # after the progress lines
+            assert failed.returncode == 1 and error.startswith("cargohold: error: "), failed.stderr
+            assert str(lazy_blob.digest) in error and "Connection refused" in error
+            assert "Traceback" not in failed.stderr
+        assert cli(root, "images", "check", f"{registry.host}/nowhere/e2e:v1").returncode == 0
+    assert not mounts_under(tmp_path)
+
+
+@needs_root
+def test_prepare_rootfs_into_stargz_needs_no_local_layer_blobs(
+    registry: Any, stargz_binary: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    """A container rootfs for a handler whose snapshotter is stargz, from an image whose layer blobs are not
+    in the store: the target labels let stargz fetch the layers itself."""
+    why = _fuse_usable()
+    if why:
+        pytest.skip(f"lazy eStargz layers need FUSE: {why}")
+    files = {"srv/index.html": b"<p>lazy rootfs</p>\n", "srv/blob": os.urandom(50_000)}
+    img, _ = estargz_image(files)
+    samples.push(registry.url, "lazy/rootfs", "v1", img)
+    ref = f"{registry.host}/lazy/rootfs:v1"
+    with running_stargz(stargz_binary, tmp_path, config=_stargz_config(registry.host)) as daemon:
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "config.toml").write_text(_config_toml(daemon.socket))
+        cli(root, "pull", "--no-unpack", ref)
+        _forget_blob(root, str(img.layers[0].digest))
+        client = Client(root)
+        try:
+            # Not so into a local snapshotter: that needs the blob, and names it.
+            with pytest.raises(FailedPreconditionError, match=str(img.layers[0].digest)):
+                client.prepare_rootfs("c-local", ref)
+            mounts = client.prepare_rootfs("c1", ref, "kata")
+            assert not client.content.exists(img.layers[0].digest)
+            with with_temp_mount(mounts, root=tmp_path / "mnt") as mnt:
+                for name, data in files.items():
+                    assert (mnt / name).read_bytes() == data
+            check = client.check(ref)
+            assert check.complete and [d.digest for d in check.remote] == [img.layers[0].digest]
+            client.snapshotter("stargz").remove("c1")
+        finally:
+            client.close()
+    assert not mounts_under(tmp_path)
+
+
+@needs_root
+def test_two_namespaces_share_one_stargz_daemon_without_colliding(
+    registry: Any, stargz_binary: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    """stargz ignores the namespace header; with the remote proxy's namespaced keys (the default) two cargohold
+    namespaces pulling the same image get their own snapshots, and removing one's leaves the other's."""
+    why = _fuse_usable()
+    if why:
+        pytest.skip(f"lazy eStargz layers need FUSE: {why}")
+    img, _ = estargz_image({"app/one": b"one\n"}, extra_layers=[samples.files_layer({"etc/two": b"two\n"})])
+    samples.push(registry.url, "lazy/shared", "v1", img)
+    ref = f"{registry.host}/lazy/shared:v1"
+    with running_stargz(stargz_binary, tmp_path, config=_stargz_config(registry.host)) as daemon:
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "config.toml").write_text(_config_toml(daemon.socket))
+        clients = {ns: Client(root, namespace=ns) for ns in ("default", "team-b")}
+        try:
+            for client in clients.values():
+                result = client.pull(ref, snapshotter="stargz", layer_labels=True)
+                assert result.unpack is not None
+                # Each namespace unpacks for itself: nothing "exists" from the other namespace.
+                assert [layer.status for layer in result.unpack.layers] == ["remote", "unpacked"]
+            chains = [str(c) for c in clients["default"].resolve_manifest(ref).chain_ids]
+            raw = daemon.snapshotter()  # the daemon's own key space, no prefixes
+            assert sorted(i.key for i in raw.walk("kind==committed")) == sorted(
+                f"{ns}/{c}" for ns in clients for c in chains)
+            for ns, client in clients.items():
+                sn = client.snapshotter("stargz")
+                assert sorted(i.key for i in sn.walk()) == sorted(chains)
+                assert sn.stat(chains[1]).parent == chains[0]
+                assert raw.stat(f"{ns}/{chains[1]}").parent == f"{ns}/{chains[0]}"
+
+            default_sn, other_sn = (clients[ns].snapshotter("stargz") for ns in ("default", "team-b"))
+            default_sn.remove(chains[1])
+            default_sn.remove(chains[0])
+            assert list(default_sn.walk()) == []
+            assert sorted(i.key for i in other_sn.walk()) == sorted(chains)
+            mounts = clients["team-b"].prepare_rootfs("c1", ref, "kata")
+            with with_temp_mount(mounts, root=tmp_path / "mnt") as mnt:
+                assert (mnt / "app" / "one").read_bytes() == b"one\n"
+                assert (mnt / "etc" / "two").read_bytes() == b"two\n"
+            other_sn.remove("c1")
+            assert "c1" not in {i.key for i in default_sn.walk()}
+        finally:
+            for client in clients.values():
+                client.close()
+    assert not mounts_under(tmp_path)
+
+
+def test_failed_daemon_build_is_a_failure_not_a_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe ships with the repository, so a build that fails must fail the stargz tests (with the
+    build's own output), never skip them."""
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (recipe / "build.sh").write_text("echo 'go: cannot find package broken/recipe' >&2\nexit 3\n")
+    (recipe / "main.go").write_text(f"package main // {tmp_path}\n")  # a hash no cached binary has
+    monkeypatch.setattr(stargz_support, "TOOL_DIR", recipe)
+    monkeypatch.setattr(stargz_support, "_packages_present", lambda: True)
+    try:
+        stargz_support.build_stargz(tmp_path / "build.log")
+    except BaseException as exc:  # noqa: BLE001 (pytest.skip raises a BaseException: that must not happen)
+        assert isinstance(exc, AssertionError), f"{type(exc).__name__}: {exc}"
+        assert "building the stargz daemon failed (exit 3)" in str(exc)
+        assert "cannot find package broken/recipe" in str(exc)
+    else:
+        pytest.fail("a failing build.sh gave a binary")
+    assert "broken/recipe" in (tmp_path / "build.log").read_text()
+
+
+def test_daemon_recipe_is_in_the_repository() -> None:
+    assert stargz_support.TOOL_DIR == Path(__file__).resolve().parents[1] / "scripts" / "stargz-grpc"
+    assert (stargz_support.TOOL_DIR / "build.sh").is_file() and (stargz_support.TOOL_DIR / "main.go").is_file()

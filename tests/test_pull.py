@@ -145,7 +145,7 @@ def test_cli_pull_json_ls_get_check_and_errors(registry, tmp_path: Path) -> None
     assert got.returncode == 0 and got.stdout == img.layers[0].data
 
     check = json.loads(cli(root, "images", "check", ref, "--output", "json").stdout)
-    assert check == [{"name": ref, "status": "complete", "required": 4, "missing": [],
+    assert check == [{"name": ref, "status": "complete", "required": 4, "missing": [], "remote": [],
                       "unpacked": {"native": False, "overlayfs": False}}]
 
     # Remove a layer blob: check says incomplete, names it, exits 1.

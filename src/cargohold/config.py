@@ -19,6 +19,7 @@
     [snapshotters.stargz]                  # a proxy snapshotter: containerd's snapshots gRPC API
     address = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
     remote = true                          # lazy: layers are fetched on demand, never force-fed
+    namespaced_keys = true                 # keys "<namespace>/<key>" on the wire (default: = remote)
 
 Unknown keys are errors that name the file and the key, so a typo never silently changes nothing.
 """
@@ -54,6 +55,9 @@ class SnapshotterConfig:
     name: str
     address: str
     remote: bool = False
+    namespaced_keys: bool = False
+    """Prefix keys with the namespace on the wire (for daemons that ignore the namespace header, as stargz
+    does); by default on for ``remote`` snapshotters."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,13 +119,16 @@ def parse_config(data: Mapping[str, Any], where: Path | None = None) -> Config:
         section = f"{label}: [snapshotters.{name}]"
         if not isinstance(value, dict):
             raise InvalidArgumentError(f"{section}: not a table")
-        _known(value, {"address", "remote", "type"}, section)
+        _known(value, {"address", "remote", "namespaced_keys", "type"}, section)
         if value.get("type", "proxy") != "proxy":
             raise InvalidArgumentError(f"{section}: type must be \"proxy\", not {value['type']!r}")
         address = _str(value, "address", section)
         if not address:
             raise InvalidArgumentError(f"{section}: address (the snapshotter's unix socket) is required")
-        snapshotters[name] = SnapshotterConfig(name=name, address=address, remote=_bool(value, "remote", section))
+        remote = _bool(value, "remote", section)
+        namespaced = _bool(value, "namespaced_keys", section) if "namespaced_keys" in value else remote
+        snapshotters[name] = SnapshotterConfig(name=name, address=address, remote=remote,
+                                               namespaced_keys=namespaced)
     downloads = data.get("max_concurrent_downloads", 3)
     if not isinstance(downloads, int) or isinstance(downloads, bool) or not 1 <= downloads <= 64:
         raise InvalidArgumentError(f"{label}: max_concurrent_downloads must be an integer from 1 to 64")

@@ -77,7 +77,7 @@ class Store:
                 proxy = self.config.snapshotters.get(name)
                 if proxy is not None:
                     sn = open_proxy_snapshotter(proxy.name, proxy.address, namespace=self.namespace,
-                                                remote=proxy.remote)
+                                                remote=proxy.remote, namespaced_keys=proxy.namespaced_keys)
                 else:
                     sn = open_snapshotter(name, self.root, self.db, self.namespace)
                 self._snapshotters[name] = sn

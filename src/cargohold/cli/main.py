@@ -307,7 +307,8 @@ def images_rm(state: State, names: tuple[str, ...], output: str) -> None:
 @pass_state
 def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
                  output: str) -> None:
-    """Say whether each image has every blob it needs; exit 1 when one is incomplete."""
+    """Say whether each image has every blob it needs; exit 1 when one is incomplete. The layer blobs of an
+    image unpacked lazily by a remote snapshotter are remote, not missing (status ``complete (lazy)``)."""
     client = state.client()
     targets = list(names) or [i.name for i in client.list_images()]
     results: list[dict[str, Any]] = []
@@ -319,6 +320,8 @@ def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...
             "status": "complete" if res.complete else "incomplete",
             "required": len(res.required),
             "missing": [str(d.digest) for d in res.missing],
+            # Layer blobs of a lazily unpacked image: at its source, fetched on demand; not missing.
+            "remote": [str(d.digest) for d in res.remote],
             "unpacked": {sn: client.unpacked(n, sn, plat) if res.complete or res.manifests else False
                          for sn in available_snapshotters(client.root)},
         })
@@ -326,7 +329,8 @@ def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...
         emit_json(results)
     else:
         table(["REF", "STATUS", "BLOBS", "MISSING", "UNPACKED"],
-              [[r["name"], r["status"], f"{r['required'] - len(r['missing'])}/{r['required']}",
+              [[r["name"], r["status"] + (" (lazy)" if r["remote"] else ""),
+                f"{r['required'] - len(r['missing']) - len(r['remote'])}/{r['required']}",
                 ",".join(r["missing"]) or "-",
                 ",".join(sn for sn, ok in r["unpacked"].items() if ok) or "-"] for r in results])
     if any(r["status"] != "complete" for r in results):

@@ -129,12 +129,15 @@ def read_config(provider: Provider, desc: Descriptor) -> ImageConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckResult:
-    """What ``images check`` reports: required blobs, which are present, which are missing."""
+    """What ``images check`` reports: required blobs, which are present, which are missing, and which of
+    those live only at the image's source because a remote snapshotter unpacked it lazily (``remote``: not
+    missing, ``complete`` ignores them)."""
 
     complete: bool
     required: tuple[Descriptor, ...]
     missing: tuple[Descriptor, ...]
     manifests: tuple[Descriptor, ...]
+    remote: tuple[Descriptor, ...] = ()
 
 
 ChooseChildren = Callable[[Index, Descriptor], Sequence[Descriptor]]

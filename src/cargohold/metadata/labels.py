@@ -29,6 +29,10 @@ SNAPSHOT_REF = "containerd.io/snapshot.ref"
 INHERITED_PREFIX = "containerd.io/snapshot/"
 """Layer descriptor annotations under this prefix are passed on to the layer's snapshot, as containerd's
 unpacker does (snapshots.FilterInheritedLabels): e.g. stargz's containerd.io/snapshot/stargz/toc.digest."""
+LABEL_LAZY = "cargohold.io/lazy"
+"""Prefix on a config: ``.<snapshotter>`` = "true" when the image was unpacked lazily into that remote
+snapshotter, some layer blobs living only at the image's source (``images check`` calls them remote; export,
+push and copy fetch them on demand)."""
 CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cargohold.content.namespaced import NamespacedStore
-from cargohold.errors import CargoholdError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from cargohold.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cargohold.events import Event, EventSink
 from cargohold.images.archive import (
     ExportedImage,
@@ -34,15 +34,15 @@ from cargohold.images.handlers import children, label_children, read_manifest_or
 from cargohold.images.image import manifest_for, resolve_manifest
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.images import Image
-from cargohold.metadata.labels import DISTRIBUTION_SOURCE, LABEL_IMPORTED, LEASE_IMPORT
+from cargohold.metadata.labels import LABEL_IMPORTED, LEASE_IMPORT
 from cargohold.oci.artifact import artifact_type, is_image
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.oci.manifest import Manifest
 from cargohold.oci.platform import Platform, PlatformMatcher
 from cargohold.remotes.resolver import Resolver
-from cargohold.remotes.sources import FetchFn, registry_fetch_fn
 from cargohold.services import images
+from cargohold.services.lazy import fetch_blobs, lazy_layers
 from cargohold.services.unpack import new_unpacker
 from cargohold.store import Store
 from cargohold.unpack.unpacker import UnpackResult
@@ -85,7 +85,8 @@ def export(
     binary stream (flushed). Without ``platforms`` an index contributes its host-platform manifest;
     ``all_platforms`` takes every one. An index blob is always written whole, so the image digest
     survives a round trip. Missing blobs are an error listing every one; with ``fetch_missing`` they are
-    first fetched from the image's registry (and the registries its blobs came from).
+    first fetched from the image's registry (and the registries its blobs came from), as the remote blobs of
+    a lazily unpacked image always are.
     """
     if not names:
         raise InvalidArgumentError("export: name at least one image")
@@ -96,16 +97,19 @@ def export(
     for _ in range(8):  # each round may reveal children of the manifests it fetched
         selections = [select(store.content, img.target, wanted, all_platforms) for img in records]
         missing = missing_blobs(zip(records, selections, strict=True))
-        if not missing or not fetch_missing:
+        # A lazily unpacked image's remote layer blobs are fetched whatever ``fetch_missing`` says.
+        lazy = set().union(*(lazy_layers(store, sel.manifests) for sel in selections))
+        wanted_blobs = missing if fetch_missing else [(img, d) for img, d in missing if d.digest in lazy]
+        if not wanted_blobs:
             break
-        got = _fetch_missing(store, missing, failures, resolver, on_event)
+        got = fetch_blobs(store, wanted_blobs, failures, resolver, on_event)
         fetched += got
         if not got:
             break
     if missing:
         message = missing_message(f"export of {', '.join(i.name for i in records)}",
                                   [(f"image {img.name}", d) for img, d in missing])
-        if fetch_missing:
+        if fetch_missing or failures:
             message += "; fetching failed: " + ("; ".join(failures) or "no registry to fetch from")
         else:
             message += " (--fetch-missing fetches them from the image's registry)"
@@ -127,40 +131,6 @@ def export(
     for img in records:
         on_event(Event(action="export", status="info", item=img.name, message=str(img.target.digest)))
     return ExportResult(path=where, images=exported, blobs=tuple(blobs), size=size, fetched=tuple(fetched))
-
-
-def _fetch_missing(store: Store, missing: Sequence[tuple[Image, Descriptor]], failures: list[str],
-                   resolver: Callable[[], Resolver], on_event: EventSink) -> list[Descriptor]:
-    got: list[Descriptor] = []
-    done: set[Digest] = set()
-    for image, desc in missing:
-        if desc.digest in done:
-            continue
-        for fetch in _fetchers_for(store, image, resolver, on_event):
-            try:
-                fetch(desc)
-            except CargoholdError as exc:
-                failures.append(f"{desc.digest}: {exc}")
-                continue
-            got.append(desc)
-            done.add(desc.digest)
-            break
-    return got
-
-
-def _fetchers_for(store: Store, image: Image, resolver: Callable[[], Resolver], on_event: EventSink
-                  ) -> list[FetchFn]:
-    """Fetch functions to try: the image name's registry, then the repositories its target came from
-    (``containerd.io/distribution.source.<host>`` labels)."""
-    names = [image.name]
-    with contextlib.suppress(NotFoundError):
-        labels = store.content.info(image.target.digest).labels
-        for key, repos in sorted(labels.items()):
-            if key.startswith(DISTRIBUTION_SOURCE + "."):
-                host = key[len(DISTRIBUTION_SOURCE) + 1:]
-                names += [f"{host}/{repo}" for repo in repos.split(",") if repo]
-    fns = [registry_fetch_fn(resolver, n, store.content, on_event) for n in dict.fromkeys(names)]
-    return [fn for fn in fns if fn is not None]
 
 
 # -- import ------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from cargohold.oci.reference import Reference
 from cargohold.remotes.resolver import Resolver
 from cargohold.remotes.sources import fetch_one, source_label
 from cargohold.services import images
+from cargohold.services.lazy import fetch_remote
 from cargohold.services.push import PushOptions, PushResult, push_target
 from cargohold.store import Store
 
@@ -201,6 +202,9 @@ def copy(
             got = _fetch_content(Reference.parse(source.name), content, wanted, resolver, on_event, executor)
         elif source.kind == LOCAL:
             image = images.image(store, source.name)
+            check = images.check(store, image.name, platforms=wanted, all_platforms=not wanted)
+            if check.remote:  # lazily unpacked: its remote layer blobs come from its source first
+                fetch_remote(store, image, check, lambda: resolver, on_event, f"cannot copy {what}")
             got = _Source(root=image.target, name=image.name)
         else:
             got = _read_archive_source(source, content, wanted, on_event)

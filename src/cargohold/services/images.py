@@ -14,6 +14,7 @@ from cargohold.metadata.db import utcnow
 from cargohold.metadata.images import Image
 from cargohold.oci.platform import Platform, PlatformMatcher, default_matcher
 from cargohold.oci.reference import Reference
+from cargohold.services.lazy import with_remote
 from cargohold.store import Store
 
 
@@ -58,6 +59,7 @@ def resolve_manifest(store: Store, name: str, platform: Platform | str | None = 
 
 def check(store: Store, name: str, *, platforms: Sequence[Platform | str] = (), all_platforms: bool = False
           ) -> CheckResult:
-    """Which blobs of the image (for the platforms, or all) the store has and lacks."""
+    """Which blobs of the image (for the platforms, or all) the store has and lacks; the layer blobs of a
+    lazily unpacked image are ``remote``, not missing."""
     img = image(store, name)
-    return walk_required(store.content, img.target, None if all_platforms else matcher(platforms))
+    return with_remote(store, walk_required(store.content, img.target, None if all_platforms else matcher(platforms)))

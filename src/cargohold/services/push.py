@@ -27,6 +27,7 @@ from cargohold.remotes.pushplan import PushPlan, plan_push, push_image
 from cargohold.remotes.resolver import Resolver
 from cargohold.remotes.sources import add_source_label, source_label
 from cargohold.services import images
+from cargohold.services.lazy import fetch_remote
 from cargohold.store import Store
 
 
@@ -77,6 +78,11 @@ def push(store: Store, ref: str, local: str | None = None, *, resolver: Resolver
     """
     reference = Reference.parse(ref)
     image = images.image(store, local or ref)
+    # A lazily unpacked image's remote layer blobs come from its source first (the push needs their bytes).
+    check = images.check(store, image.name, platforms=options.platforms,
+                         all_platforms=options.all_platforms or not options.platforms)
+    if check.remote:
+        fetch_remote(store, image, check, lambda: resolver, on_event, f"cannot push image {image.name}")
     # A lease: every blob the push reads is held before it is read, so removing the image meanwhile and a
     # gc cannot pull blobs out from under the upload.
     with store.leases.hold(labels={LEASE_PUSH: str(reference)[-200:]}) as lease:

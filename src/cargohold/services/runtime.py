@@ -9,7 +9,9 @@ so a remote snapshotter finds what it needs to fetch lazily.
 ``ensure_unpacked`` and ``prepare_rootfs`` never contact a registry, as containerd's CRI plugin does not when
 it unpacks at container creation: an image imported offline (air-gapped nodes) works, and an image whose blobs
 were garbage-collected fails with an error naming the image and every missing digest, to be repaired by pulling
-it again (``pull_for_runtime``), which is the only path here that talks to a registry.
+it again (``pull_for_runtime``), which is the only path here that talks to a registry. A remote snapshotter is
+the exception, for layers: into one only the manifest and config must be local, the snapshotter itself
+fetches the layers the target labels name.
 
 Needs: a ``Store``, an event sink, the executors (a pull's and an unpack's) and, to pull, a resolver.
 """
@@ -221,12 +223,19 @@ def _ensure_unpacked(store: Store, name: str, snapshotter: str, on_event: EventS
         resolved = None  # its manifest or config is gone (or no manifest for this platform): named below
     if resolved is not None and committed_in(store, resolved, snapshotter):
         return resolved.chain_ids[-1], None
-    missing = images.check(store, name).missing
+    check = images.check(store, name)
+    # A lazily unpacked image's remote blobs are as missing as any for a local unpack (which never fetches).
+    missing = (*check.missing, *check.remote)
+    if resolved is not None and getattr(store.snapshotter(snapshotter), "remote", False):
+        # A remote snapshotter fetches layers itself from the target labels: only the manifest and config
+        # must be here (a layer it cannot provide lazily is then an unpack error naming the blob).
+        layers = {layer.digest for layer in resolved.manifest.layers}
+        missing = tuple(d for d in missing if d.digest not in layers)
     if missing:
         raise FailedPreconditionError(
             f"image {name}: cannot unpack into snapshotter {snapshotter}: {len(missing)} blob(s) missing "
-            f"from the content store (garbage-collected?): {', '.join(str(d.digest) for d in missing)}; "
-            "pull the image again"
+            "from the content store (garbage-collected, or left remote by a lazy unpack?): "
+            f"{', '.join(str(d.digest) for d in missing)}; pull the image again"
         )
     result = unpack(store, name, on_event=on_event, executor=executor, snapshotter=snapshotter, fetch_missing=False,
                     layer_labels=not store.config.disable_snapshot_annotations)

@@ -36,12 +36,13 @@ def open_snapshotter(
     return factory(Path(root), db, namespace)
 
 
-def open_proxy_snapshotter(name: str, address: str, *, namespace: str = DEFAULT_NAMESPACE, remote: bool = False
-                           ) -> Snapshotter:
-    """A snapshotter served over containerd's snapshots gRPC API on the unix socket ``address``."""
+def open_proxy_snapshotter(name: str, address: str, *, namespace: str = DEFAULT_NAMESPACE, remote: bool = False,
+                           namespaced_keys: bool = False) -> Snapshotter:
+    """A snapshotter served over containerd's snapshots gRPC API on the unix socket ``address``; with
+    ``namespaced_keys`` keys are made unique per namespace on this side (for daemons that ignore it)."""
     from cargohold.snapshots.proxy import ProxySnapshotter  # grpc is loaded only when a proxy is used
 
-    return ProxySnapshotter(name, address, namespace=namespace, remote=remote)
+    return ProxySnapshotter(name, address, namespace=namespace, remote=remote, namespaced_keys=namespaced_keys)
 
 
 def known_snapshotters() -> list[str]:

@@ -9,9 +9,12 @@ side configured (containerd sends its proxy plugin's name; servers built on cont
 What containerd's metadata layer does before a proxy is reached, this client does itself with the local
 snapshotters' own checks: labels go through ``metadata.content.validate_labels`` (the 4096-byte limit; for ``update``,
 the labels its field paths apply) and filters through ``filters.parse_filters``, so those errors are raised at
-the call and name the key or filter. Keys are the daemon's own: a plain remote snapshotter has one key space,
-whatever the namespace (containerd prefixes keys per namespace in its metadata DB; we have no such layer in
-front).
+the call and name the key or filter. A plain remote snapshotter has one key space whatever the namespace
+(stargz ignores the namespace header; containerd prefixes keys per namespace in its metadata DB, a layer we do
+not have in front). With ``namespaced_keys`` this client does that part itself: every key it sends (key,
+parent, commit name, and the ``containerd.io/snapshot.ref`` label a remote snapshotter commits under) is
+``<namespace>/<key>``, answers are stripped back, and ``walk`` lists only this namespace's snapshots, so two
+cargohold namespaces never collide in one daemon.
 
 gRPC status codes map back onto cargohold's error kinds in one table (``cargohold.snapshots.errors``, shared
 with the server); every error names the key and the socket.
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -35,9 +39,10 @@ from cargohold.errors import (
     UnavailableError,
 )
 from cargohold.metadata.content import validate_labels
+from cargohold.metadata.labels import SNAPSHOT_REF
 from cargohold.snapshots.base import Info, Kind, Mount, Usage
 from cargohold.snapshots.errors import error_kind
-from cargohold.snapshots.filters import parse_filters
+from cargohold.snapshots.filters import map_field, parse_filters
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 
 NAMESPACE_HEADER = "containerd-namespace"
@@ -68,7 +73,8 @@ class ProxySnapshotter:
     ``address`` is the unix socket (a path or ``unix://PATH``); ``name`` is what this side calls the
     snapshotter (sent as the requests' ``snapshotter`` field, used in errors and by the unpacker's locks);
     ``remote`` marks a lazy snapshotter the unpacker must not force-feed. ``timeout`` bounds each call
-    (None: no deadline; a remote ``prepare`` may take a while to fetch layer metadata).
+    (None: no deadline; a remote ``prepare`` may take a while to fetch layer metadata). ``namespaced_keys``
+    prefixes keys with the namespace on the wire (see the module docstring), for daemons that ignore it.
     """
 
     capabilities: frozenset[str] = frozenset()
@@ -77,7 +83,7 @@ class ProxySnapshotter:
 
     def __init__(
         self, name: str, address: str, *, namespace: str, remote: bool = False, timeout: float | None = None,
-        capabilities: Iterable[str] = (),
+        capabilities: Iterable[str] = (), namespaced_keys: bool = False,
     ) -> None:
         if not name:
             raise InvalidArgumentError(f"proxy snapshotter at {address}: empty name")
@@ -89,6 +95,9 @@ class ProxySnapshotter:
         self.address = socket_target(address)
         self.timeout = timeout
         self.capabilities = frozenset(capabilities)
+        self.namespaced_keys = namespaced_keys
+        # containerd's namespace names have no "/", so "<namespace>/" cannot be the start of another's keys.
+        self._prefix = f"{namespace}/" if namespaced_keys else ""
         self._metadata = ((NAMESPACE_HEADER, namespace),)
         self._channel = grpc.insecure_channel(
             self.address,
@@ -140,12 +149,36 @@ class ProxySnapshotter:
             detail = f"{code.name}: {detail}"
         raise kind(f"{what}: {detail} ({self._where})") from None
 
+    def _out(self, key: str) -> str:
+        """A key (or parent, "" for none) as the daemon knows it."""
+        return self._prefix + key if key and self._prefix else key
+
+    def _out_labels(self, labels: Mapping[str, str]) -> dict[str, str]:
+        out = dict(labels)
+        if self._prefix and out.get(SNAPSHOT_REF):
+            out[SNAPSHOT_REF] = self._prefix + out[SNAPSHOT_REF]
+        return out
+
+    def _mine(self, key: str) -> bool:
+        return key.startswith(self._prefix)
+
+    def _in(self, info: snapshots_pb2.Info) -> Info:
+        """A daemon's Info as this namespace sees it (prefixes stripped)."""
+        got = to_info(info)
+        if not self._prefix:
+            return got
+        labels = dict(got.labels)
+        if labels.get(SNAPSHOT_REF, "").startswith(self._prefix):
+            labels[SNAPSHOT_REF] = labels[SNAPSHOT_REF][len(self._prefix):]
+        return replace(got, key=got.key.removeprefix(self._prefix), name=got.key.removeprefix(self._prefix),
+                       parent=got.parent.removeprefix(self._prefix), labels=labels)
+
     # --- Snapshotter -----------------------------------------------------------------------------------
 
     def stat(self, key: str) -> Info:
-        resp = self._call("Stat", snapshots_pb2.StatSnapshotRequest(snapshotter=self.name, key=key),
+        resp = self._call("Stat", snapshots_pb2.StatSnapshotRequest(snapshotter=self.name, key=self._out(key)),
                           f"stat snapshot {key}")
-        return to_info(resp.info)
+        return self._in(resp.info)
 
     def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
         key = info.key
@@ -153,20 +186,22 @@ class ProxySnapshotter:
         if not key:
             raise InvalidArgumentError(f"snapshot update: key must not be empty ({self._where})")
         validate_labels(_applied_labels(info, fieldpaths), what)
+        wire = replace(info, key=self._out(key), name=self._out(key), parent=self._out(info.parent),
+                       labels=self._out_labels(info.labels))
         request = snapshots_pb2.UpdateSnapshotRequest(
             snapshotter=self.name,
-            info=from_info(info),
+            info=from_info(wire),
             update_mask=field_mask_pb2.FieldMask(paths=list(fieldpaths)),
         )
-        return to_info(self._call("Update", request, what).info)
+        return self._in(self._call("Update", request, what).info)
 
     def usage(self, key: str) -> Usage:
-        resp = self._call("Usage", snapshots_pb2.UsageRequest(snapshotter=self.name, key=key),
+        resp = self._call("Usage", snapshots_pb2.UsageRequest(snapshotter=self.name, key=self._out(key)),
                           f"usage of snapshot {key}")
         return Usage(size=resp.size, inodes=resp.inodes)
 
     def mounts(self, key: str) -> list[Mount]:
-        resp = self._call("Mounts", snapshots_pb2.MountsRequest(snapshotter=self.name, key=key),
+        resp = self._call("Mounts", snapshots_pb2.MountsRequest(snapshotter=self.name, key=self._out(key)),
                           f"mounts of snapshot {key}")
         return to_mounts(resp.mounts)
 
@@ -175,7 +210,8 @@ class ProxySnapshotter:
         if not key:
             raise InvalidArgumentError(f"snapshot key must not be empty ({self._where})")
         request = snapshots_pb2.PrepareSnapshotRequest(
-            snapshotter=self.name, key=key, parent=parent, labels=validate_labels(labels or {}, what)
+            snapshotter=self.name, key=self._out(key), parent=self._out(parent),
+            labels=self._out_labels(validate_labels(labels or {}, what)),
         )
         return to_mounts(self._call("Prepare", request, what).mounts)
 
@@ -184,7 +220,8 @@ class ProxySnapshotter:
         if not key:
             raise InvalidArgumentError(f"snapshot key must not be empty ({self._where})")
         request = snapshots_pb2.ViewSnapshotRequest(
-            snapshotter=self.name, key=key, parent=parent, labels=validate_labels(labels or {}, what)
+            snapshotter=self.name, key=self._out(key), parent=self._out(parent),
+            labels=self._out_labels(validate_labels(labels or {}, what)),
         )
         return to_mounts(self._call("View", request, what).mounts)
 
@@ -201,28 +238,32 @@ class ProxySnapshotter:
                 f"commit of snapshot {key} with parent {parent}: {self._where} is not configured to rebase"
             )
         request = snapshots_pb2.CommitSnapshotRequest(
-            snapshotter=self.name, name=name, key=key, labels=validate_labels(labels or {}, what),
-            parent=parent or "",
+            snapshotter=self.name, name=self._out(name), key=self._out(key),
+            labels=self._out_labels(validate_labels(labels or {}, what)), parent=self._out(parent or ""),
         )
         self._call("Commit", request, what)
 
     def remove(self, key: str) -> None:
-        self._call("Remove", snapshots_pb2.RemoveSnapshotRequest(snapshotter=self.name, key=key),
+        self._call("Remove", snapshots_pb2.RemoveSnapshotRequest(snapshotter=self.name, key=self._out(key)),
                    f"remove snapshot {key}")
 
     def walk(self, *filters: str) -> Iterator[Info]:
         """Matching snapshots by key, read now: the stream is drained at the call, so bad filters (parsed
-        here first, as containerd's server would) and transport errors raise here, not at the first next()."""
-        parse_filters(filters)
+        here first, as containerd's server would) and transport errors raise here, not at the first next().
+        With namespaced keys the daemon lists everything and the filters apply here, to this namespace's
+        snapshots as it sees them (a name or parent filter means the unprefixed key)."""
+        parsed = parse_filters(filters)
         what = "list snapshots" + (f" matching {list(filters)}" if any(filters) else "")
-        stream = self._call("List", snapshots_pb2.ListSnapshotsRequest(snapshotter=self.name,
-                                                                         filters=list(filters)), what)
+        sent = [] if self._prefix else list(filters)
+        stream = self._call("List", snapshots_pb2.ListSnapshotsRequest(snapshotter=self.name, filters=sent), what)
         infos: list[Info] = []
         try:
             for resp in stream:
-                infos.extend(to_info(i) for i in resp.info)
+                infos.extend(self._in(i) for i in resp.info if self._mine(i.name))
         except grpc.RpcError as exc:
             self._raise(exc, what)
+        if self._prefix:
+            infos = [i for i in infos if parsed.match(_fields(i))]
         return iter(sorted(infos, key=lambda i: i.key))
 
     def cleanup(self) -> None:
@@ -246,6 +287,24 @@ def _applied_labels(info: Info, fieldpaths: Sequence[str]) -> Mapping[str, str]:
         return info.labels
     prefix = "labels."
     return {p[len(prefix):]: info.labels.get(p[len(prefix):], "") for p in fieldpaths if p.startswith(prefix)}
+
+
+def _fields(info: Info) -> Callable[[tuple[str, ...]], tuple[str, bool]]:
+    """The filter fields of ``info`` (as the local snapshotters' store and containerd's adaptor)."""
+
+    def field(path: tuple[str, ...]) -> tuple[str, bool]:
+        head = path[0]
+        if head == "kind":
+            return info.kind.filter_name, True
+        if head == "name":
+            return info.name, bool(info.name)
+        if head == "parent":
+            return info.parent, bool(info.parent)
+        if head == "labels":
+            return map_field(info.labels, path[1:])
+        return "", False
+
+    return field
 
 
 def _to_time(ts: timestamp_pb2.Timestamp) -> datetime:

@@ -46,7 +46,7 @@ from cargohold.errors import (
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.image import ResolvedManifest
 from cargohold.metadata.gc import UNPACK_KEY_PREFIX
-from cargohold.metadata.labels import LABEL_GC_REF_SNAPSHOT, SNAPSHOT_REF, UNCOMPRESSED
+from cargohold.metadata.labels import LABEL_GC_REF_SNAPSHOT, LABEL_LAZY, SNAPSHOT_REF, UNCOMPRESSED
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.digest import Digest
 from cargohold.snapshots.base import Kind, Snapshotter
@@ -362,8 +362,15 @@ class Unpacker:
 
     def _label_config(self, resolved: ResolvedManifest, top: Digest) -> None:
         config = resolved.manifest.config.digest
+        labels: dict[str, str | None] = {f"{LABEL_GC_REF_SNAPSHOT}.{self.snapshotter.name}": str(top)}
+        # Lazy: a remote snapshotter holds layers whose blobs are not here; whoever needs those blobs later
+        # (export, push, copy) fetches them from the image's source rather than failing. Once every blob is
+        # here (a later unpack fetched them) the image is no longer lazy.
+        if self.remote:
+            lazy = any(not self.content.exists(layer.digest) for layer in resolved.manifest.layers)
+            labels[f"{LABEL_LAZY}.{self.snapshotter.name}"] = "true" if lazy else None
         with contextlib.suppress(NotFoundError):
-            self.content.update(config, {f"{LABEL_GC_REF_SNAPSHOT}.{self.snapshotter.name}": str(top)})
+            self.content.update(config, labels)
 
 
 def remove_stale_locks(locks_dir: Path) -> list[str]:
