@@ -13,8 +13,8 @@ from cargohold import __version__
 from cargohold.cli import archive, images_extra, inspect, push, referrers, runtime
 from cargohold.cli.common import State, output_option, pass_state, unpack_json, with_platforms
 from cargohold.cli.inspect import show_runtime
-from cargohold.cli.output import emit_json, eprint, human_size, table
-from cargohold.cli.progress import ProgressRenderer
+from cargohold.cli.output import emit_json, eprint, human_size, plural, table
+from cargohold.cli.progress import QUIET_KEY, ProgressRenderer
 from cargohold.client import Client, default_root
 from cargohold.config import find_config
 from cargohold.errors import CargoholdError, InvalidArgumentError
@@ -40,10 +40,12 @@ from cargohold.snapshots.base import Snapshotter
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="CARGOHOLD_CONFIG",
               default=None, help="Config file (TOML). Default: ROOT/config.toml when present.")
 @click.option("--debug", is_flag=True, help="Log debug details (hosts tried, retries) to stderr.")
+@click.option("--quiet", is_flag=True, help="No progress: print only each command's result.")
 @click.pass_context
 def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path | None, plain_http: bool,
-        config_path: Path | None, debug: bool) -> None:
+        config_path: Path | None, debug: bool, quiet: bool) -> None:
     """cargohold: pull, unpack, export and import container images, without a daemon."""
+    ctx.meta[QUIET_KEY] = quiet
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     root = root or default_root()
@@ -94,7 +96,8 @@ def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool
                    f"{len(result.present)} already present)")
         if unpacked is not None:
             click.echo(f"unpacked into {unpacked.snapshotter}: {unpacked.chain_id} "
-                       f"({unpacked.unpacked} layers applied, {len(unpacked.layers) - unpacked.unpacked} reused)")
+                       f"({plural(unpacked.unpacked, 'layer')} applied, "
+                       f"{len(unpacked.layers) - unpacked.unpacked} reused)")
 
 
 @cli.command()
@@ -114,8 +117,8 @@ def unpack(state: State, image: str, snapshotter: str | None, platform: str | No
         emit_json(unpack_json(result))
     else:
         click.echo(f"{client.image(image).name}: unpacked into {result.snapshotter}: {result.chain_id} "
-                   f"({result.unpacked} layers applied, {len(result.layers) - result.unpacked} reused, "
-                   f"{len(result.fetched)} blobs fetched)")
+                   f"({plural(result.unpacked, 'layer')} applied, {len(result.layers) - result.unpacked} reused, "
+                   f"{plural(len(result.fetched), 'blob')} fetched)")
 
 
 @cli.command()
