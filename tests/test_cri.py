@@ -157,7 +157,8 @@ def committed(client: Client, snapshotter: str) -> dict[str, dict[str, str]]:
 
 
 def applied(events: list[Event]) -> int:
-    return sum(1 for e in events if e.action == "apply" and e.status == "running")
+    """Layers applied: one ``done`` each (``running`` events also report progress while a layer extracts)."""
+    return sum(1 for e in events if e.action == "apply" and e.status == "done")
 
 
 # -- the image service ---------------------------------------------------------------------------------------

@@ -30,9 +30,24 @@ from cargohold.remotes.credentials import CredentialStore
 from cargohold.remotes.pullauth import PullAuth, pull_resolver
 from cargohold.remotes.push import DEFAULT_CHUNK_THRESHOLD, DEFAULT_CONCURRENCY
 from cargohold.remotes.resolver import Resolver
-from cargohold.services import archive, copy, gc, images, mount, pull, push, referrers, runtime, unpack
+from cargohold.services import (
+    archive,
+    copy,
+    gc,
+    imagelist,
+    images,
+    inspect,
+    mount,
+    pull,
+    push,
+    referrers,
+    runtime,
+    unpack,
+)
 from cargohold.services.archive import ImportResult
 from cargohold.services.copy import CopyResult
+from cargohold.services.imagelist import ImageRow, PruneResult
+from cargohold.services.inspect import RemoteImage
 from cargohold.services.pull import PullResult
 from cargohold.services.push import PushResult
 from cargohold.services.runtime import RuntimeImage
@@ -40,8 +55,8 @@ from cargohold.snapshots.base import Mount, Snapshotter
 from cargohold.store import Store, default_root
 from cargohold.unpack.unpacker import UnpackResult
 
-__all__ = ["Client", "CopyResult", "ExportResult", "ImportResult", "PullAuth", "PullResult", "PushResult",
-           "RuntimeImage", "UnpackResult", "default_root"]
+__all__ = ["Client", "CopyResult", "ExportResult", "ImageRow", "ImportResult", "PruneResult", "PullAuth",
+           "PullResult", "PushResult", "RemoteImage", "RuntimeImage", "UnpackResult", "default_root"]
 
 
 class Client:
@@ -211,6 +226,18 @@ class Client:
     def list_images(self) -> list[Image]:
         return images.list_images(self.store)
 
+    def find_images(self, filters: Sequence[str] = ()) -> list[Image]:
+        """See ``services.imagelist.list_images``."""
+        return imagelist.list_images(self.store, filters)
+
+    def image_row(self, image: Image, snapshotter: str | None = None) -> ImageRow:
+        """See ``services.imagelist.image_row``."""
+        return imagelist.image_row(self.store, image, snapshotter)
+
+    def prune_images(self, *, all_images: bool = False, dry_run: bool = False) -> PruneResult:
+        """See ``services.imagelist.prune``."""
+        return imagelist.prune(self.store, all_images=all_images, dry_run=dry_run)
+
     def tag(self, source: str, target: str) -> Image:
         return images.tag(self.store, source, target)
 
@@ -265,6 +292,20 @@ class Client:
     def referrers(self, ref: str, artifact_type: str | None = None) -> list[Descriptor]:
         """See ``services.referrers.referrers``."""
         return referrers.referrers(self.resolver, ref, artifact_type, on_event=self.on_event)
+
+    # -- looking at a registry without pulling --------------------------------------------------------------
+
+    def inspect_remote(self, ref: str, *, platforms: Sequence[Platform | str] = ()) -> RemoteImage:
+        """See ``services.inspect.inspect_remote``."""
+        return inspect.inspect_remote(self.resolver, ref, platforms=platforms, on_event=self.on_event)
+
+    def remote_digest(self, ref: str) -> Descriptor:
+        """The descriptor (digest, media type, size) of what ``ref`` names on its registry."""
+        return inspect.resolve_digest(self.resolver, ref, on_event=self.on_event)[1]
+
+    def list_tags(self, repo: str, *, page_size: int | None = None) -> list[str]:
+        """See ``services.inspect.list_tags``."""
+        return inspect.list_tags(self.resolver, repo, page_size=page_size, on_event=self.on_event)
 
     # -- runtimes (CRI) ----------------------------------------------------------------------------------
 

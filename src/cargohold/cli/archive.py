@@ -9,7 +9,7 @@ from typing import BinaryIO
 import click
 
 from cargohold.cli.common import State, output_option, pass_state, unpack_json, with_platforms
-from cargohold.cli.output import emit_json, human_size
+from cargohold.cli.output import emit_json, human_size, plural
 from cargohold.cli.progress import ProgressRenderer
 
 
@@ -46,8 +46,9 @@ def export_cmd(state: State, out: str, images: tuple[str, ...], platforms: tuple
     elif not to_stdout:
         for i in result.images:
             click.echo(f"{i.name}: {i.target.digest}")
-        click.echo(f"exported {len(result.images)} images, {len(result.blobs)} blobs, {human_size(result.size)} "
-                   f"to {result.path}" + (f" ({len(result.fetched)} blobs fetched)" if result.fetched else ""))
+        fetched = f" ({plural(len(result.fetched), 'blob')} fetched)" if result.fetched else ""
+        click.echo(f"exported {plural(len(result.images), 'image')}, {plural(len(result.blobs), 'blob')}, "
+                   f"{human_size(result.size)} to {result.path}{fetched}")
 
 
 @click.command("import")
@@ -85,10 +86,11 @@ def import_cmd(state: State, archive: str, platforms: tuple[str, ...], all_platf
         return
     for i in result.images:
         click.echo(f"{i.name}: {i.target.digest}")
-    click.echo(f"imported {len(result.images)} names ({result.format} archive): {len(result.committed)} blobs "
-               f"stored, {len(result.present)} already present, {len(result.reused)} layers reused")
+    click.echo(f"imported {plural(len(result.images), 'name')} ({result.format} archive): "
+               f"{plural(len(result.committed), 'blob')} stored, {len(result.present)} already present, "
+               f"{plural(len(result.reused), 'layer')} reused")
     for u in result.unpack:
-        click.echo(f"unpacked into {u.snapshotter}: {u.chain_id} ({u.unpacked} layers applied, "
+        click.echo(f"unpacked into {u.snapshotter}: {u.chain_id} ({plural(u.unpacked, 'layer')} applied, "
                    f"{len(u.layers) - u.unpacked} reused)")
 
 

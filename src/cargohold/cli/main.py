@@ -11,16 +11,18 @@ from typing import Any
 import click
 
 from cargohold import __version__
-from cargohold.cli import archive, push, referrers, runtime
+from cargohold.cli import archive, images_extra, inspect, push, referrers, runtime
 from cargohold.cli.common import State, output_option, pass_state, unpack_json, with_platforms
-from cargohold.cli.output import emit_json, eprint, human_size, table
-from cargohold.cli.progress import ProgressRenderer
+from cargohold.cli.inspect import show_runtime
+from cargohold.cli.output import emit_json, eprint, human_size, plural, table
+from cargohold.cli.progress import QUIET_KEY, ProgressRenderer
 from cargohold.client import Client, default_root
 from cargohold.config import find_config
 from cargohold.errors import CargoholdError, InvalidArgumentError
-from cargohold.images.entries import index_entries, summarize
+from cargohold.images.entries import index_entries
 from cargohold.metadata.images import Image
 from cargohold.oci.digest import Digest
+from cargohold.services.inspect import config_json
 from cargohold.snapshots import available_snapshotters
 from cargohold.snapshots.base import Info as SnapshotInfo
 from cargohold.snapshots.base import Snapshotter
@@ -42,10 +44,12 @@ from cargohold.snapshots.base import Snapshotter
 @click.option("--lock-timeout", type=click.FloatRange(0, 86400), default=None, metavar="SECONDS",
               help="Wait at most this long for another process's write on the metadata database "
               "(default: config lock_timeout, else 30).")
+@click.option("--quiet", is_flag=True, help="No progress: print only each command's result.")
 @click.pass_context
 def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path | None, plain_http: bool,
-        config_path: Path | None, debug: bool, lock_timeout: float | None) -> None:
+        config_path: Path | None, debug: bool, lock_timeout: float | None, quiet: bool) -> None:
     """cargohold: pull, unpack, export and import container images, without a daemon."""
+    ctx.meta[QUIET_KEY] = quiet
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     root = root or default_root()
@@ -99,7 +103,8 @@ def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool
                    f"{len(result.present)} already present)")
         if unpacked is not None:
             click.echo(f"unpacked into {unpacked.snapshotter}: {unpacked.chain_id} "
-                       f"({unpacked.unpacked} layers applied, {len(unpacked.layers) - unpacked.unpacked} reused)")
+                       f"({plural(unpacked.unpacked, 'layer')} applied, "
+                       f"{len(unpacked.layers) - unpacked.unpacked} reused)")
 
 
 @cli.command()
@@ -119,8 +124,8 @@ def unpack(state: State, image: str, snapshotter: str | None, platform: str | No
         emit_json(unpack_json(result))
     else:
         click.echo(f"{client.image(image).name}: unpacked into {result.snapshotter}: {result.chain_id} "
-                   f"({result.unpacked} layers applied, {len(result.layers) - result.unpacked} reused, "
-                   f"{len(result.fetched)} blobs fetched)")
+                   f"({plural(result.unpacked, 'layer')} applied, {len(result.layers) - result.unpacked} reused, "
+                   f"{plural(len(result.fetched), 'blob')} fetched)")
 
 
 @cli.command()
@@ -191,28 +196,30 @@ def _image_json(client: Client, image: Image) -> dict[str, Any]:
 
 @images.command("ls")
 @click.option("--quiet", "-q", is_flag=True, help="Names only.")
+@click.option("--filter", "filters", multiple=True, metavar="FILTER",
+              help="Only images matching, in containerd's syntax (repeatable: any may match): name==REF, "
+              'name~=REGEX, labels."KEY"==VALUE, target.digest==DIGEST, target.mediatype==TYPE; '
+              "comma-separated selectors must all match.")
+@click.option("--snapshotter", default=None, help="Snapshotter whose unpacked size is shown. Default: the "
+              "root's default.")
 @output_option
 @pass_state
-def images_ls(state: State, quiet: bool, output: str) -> None:
-    """List images."""
+def images_ls(state: State, quiet: bool, filters: tuple[str, ...], snapshotter: str | None, output: str) -> None:
+    """List images: kind, digest, platforms, size of the host platform's blobs (compressed) and unpacked
+    snapshots, and when the image was created (its config's date)."""
     client = state.client()
-    imgs = client.list_images()
+    imgs = client.find_images(filters)
     if quiet and output != "json":
         for i in imgs:
             click.echo(i.name)
         return
-    summaries = [summarize(client.content, i.target) for i in imgs]
+    rows = [client.image_row(i, snapshotter) for i in imgs]
     if output == "json":
-        emit_json([{**_image_json(client, i), "platforms": list(s.platforms), "attestations": s.attestations}
-                   for i, s in zip(imgs, summaries, strict=True)])
+        emit_json([{**_image_json(client, r.image), **images_extra.row_json(r)} for r in rows])
         return
-    rows = []
-    for i, summary in zip(imgs, summaries, strict=True):
-        plats = ",".join(summary.platforms) or "-"
-        if summary.attestations:
-            plats += f" (+{summary.attestations} attestation{'s' if summary.attestations != 1 else ''})"
-        rows.append([i.name, _kind(i.target.media_type), str(i.target.digest), plats])
-    table(["REF", "TYPE", "DIGEST", "PLATFORMS"], rows)
+    table(["REF", "TYPE", "DIGEST", "PLATFORMS", "SIZE", "UNPACKED", "CREATED"],
+          [[r.image.name, _kind(r.image.target.media_type), str(r.image.target.digest),
+            *images_extra.row_cells(r)] for r in rows])
 
 
 def _kind(media_type: str) -> str:
@@ -249,6 +256,7 @@ def images_inspect(state: State, name: str, platform: str | None, output: str) -
         ],
         "size": resolved.size,
     }
+    info["config"] = config_json(resolved.config)
     if output == "json":
         emit_json(info)
         return
@@ -263,6 +271,7 @@ def images_inspect(state: State, name: str, platform: str | None, output: str) -
         click.echo(f"layer {i}:   {layer['digest']} {human_size(layer['size'])} {layer['media_type']}")
         click.echo(f"  diff_id:  {layer['diff_id']}")
         click.echo(f"  chain_id: {layer['chain_id']}")
+    show_runtime(resolved.config)
 
 
 @images.command("tag")
@@ -527,8 +536,10 @@ def gc(state: State, dry_run: bool, output: str) -> None:
         click.echo(f"snapshotter {sn} unreachable, its snapshots not collected: {err}")
 
 
+images_extra.register(images)
+
 # Commands that live in their own modules (archives, push, CRI).
-for _module in (archive, push, referrers, runtime):
+for _module in (archive, inspect, push, referrers, runtime):
     _module.register(cli)
 
 

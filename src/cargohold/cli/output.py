@@ -41,3 +41,8 @@ def human_size(n: int) -> str:
 
 def eprint(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 layer``, ``2 layers``, ``0 layers`` (``many``: an irregular plural, e.g. ``indexes``)."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"

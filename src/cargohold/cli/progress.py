@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import TextIO
 
+import click
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
+from cargohold.cli.output import human_size
 from cargohold.events import Event
 
 _KIND_NAMES = {
@@ -40,15 +46,50 @@ def kind_of(media_type: str) -> str:
 
 # Actions whose events carry byte counts: bars on a terminal, one line per state change otherwise.
 _BAR_ACTIONS = ("fetch", "apply", "push", "export", "import")
+# Without a terminal, a transfer still running says how far it got this often (seconds).
+PERIODIC_SECONDS = 10.0
+QUIET_KEY = "cargohold.quiet"
+"""``click.Context.meta`` key set by the global ``--quiet``: every renderer of the command is silent."""
+
+
+def short_digest(item: str) -> str:
+    """``sha256:0123456789ab`` for a digest (12 hex digits, as docker shows), anything else as it is."""
+    algorithm, sep, rest = item.partition(":")
+    if sep and algorithm in ("sha256", "sha384", "sha512") and len(rest) > 12 and "/" not in rest:
+        return f"{algorithm}:{rest[:12]}"
+    return item
+
+
+class _BinarySpeedColumn(ProgressColumn):
+    """Transfer speed in the binary units every other size uses (rich's own column is decimal)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{human_size(int(speed))}/s", style="progress.data.speed")
+
+
+def _quiet_from_context() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(QUIET_KEY))
 
 
 class ProgressRenderer:
-    """An event sink. ``quiet`` drops everything (used with ``--output json``)."""
+    """An event sink. ``quiet`` drops everything (``--output json``, the global ``--quiet``).
 
-    def __init__(self, *, stream: TextIO | None = None, quiet: bool = False, force_plain: bool = False) -> None:
+    On a terminal: a bar per blob. Otherwise one line per state change of an item, with the short digest
+    and the time since the command started, and a line every ``PERIODIC_SECONDS`` for a transfer still
+    running.
+    """
+
+    def __init__(self, *, stream: TextIO | None = None, quiet: bool = False, force_plain: bool = False,
+                 clock: Callable[[], float] = time.monotonic, periodic: float = PERIODIC_SECONDS) -> None:
         self.stream = stream or sys.stderr
-        self.quiet = quiet
+        self.quiet = quiet or _quiet_from_context()
         self.tty = self.stream.isatty() and not force_plain
+        self._clock = clock
+        self._start = clock()
+        self._periodic = periodic
+        self._last_line: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         self._tasks: dict[tuple[str, str], TaskID] = {}
         self._progress: Progress | None = None
@@ -56,8 +97,8 @@ class ProgressRenderer:
             self._progress = Progress(
                 TextColumn("{task.fields[action]:<7} {task.fields[kind]:<8} {task.description}"),
                 BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
+                DownloadColumn(binary_units=True),
+                _BinarySpeedColumn(),
                 TimeRemainingColumn(),
                 console=Console(file=self.stream),
                 transient=False,
@@ -85,7 +126,7 @@ class ProgressRenderer:
         assert self._progress is not None
         key = (event.action, event.item)
         task = self._tasks.get(key)
-        short = event.item.split(":")[-1][:12] if ":" in event.item else event.item
+        short = short_digest(event.item)
         if task is None:
             task = self._progress.add_task(short, total=event.total or None, action=event.action,
                                            kind=kind_of(event.media_type))
@@ -100,16 +141,24 @@ class ProgressRenderer:
     def _line(self, event: Event) -> None:
         if event.action == "host" and event.status != "error":
             return  # which registry host answered: --debug logs it
+        now = self._clock()
+        key = (event.action, event.item)
         if event.status == "running" and event.action in _BAR_ACTIONS and event.current:
-            return  # plain output: one line per item state, not per chunk
-        parts = [event.action, event.status]
+            # Plain output: a line per item state, and one now and then while a long transfer runs.
+            if now - self._last_line.get(key, self._start) < self._periodic:
+                return
+        self._last_line[key] = now
+        parts = [f"[{now - self._start:6.1f}s]", event.action, event.status]
         kind = kind_of(event.media_type)
         if kind:
             parts.append(kind)
         if event.item:
-            parts.append(event.item)
-        if event.total and event.status in ("done", "exists", "mounted"):
-            parts.append(f"{event.total} bytes")
+            parts.append(short_digest(event.item))
+        if event.status == "running" and event.current and event.total:
+            parts.append(f"{human_size(event.current)} of {human_size(event.total)} "
+                         f"({event.current * 100 // event.total}%)")
+        elif event.total and event.status in ("done", "exists", "mounted"):
+            parts.append(human_size(event.total))
         if event.message:
             parts.append(event.message)
         line = " ".join(parts)

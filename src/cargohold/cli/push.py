@@ -101,9 +101,10 @@ def copy(state: State, src: str, dst: str, platforms: tuple[str, ...], all_platf
          src_user: str | None, dest_user: str | None, output: str) -> None:
     """Copy an image from SRC to DST, as `skopeo copy` does.
 
-    Each end is a registry (`registry://REF` or a bare REF), an archive file (`oci-archive:PATH[:NAME]`,
-    `docker-archive:PATH[:NAME]`) or the local store (`local:NAME`). Without --platform the whole image is
-    copied (every platform of an index).
+    Each end is a registry (`registry://REF`, `docker://REF` or a bare REF), an archive file
+    (`oci-archive:PATH[:NAME]`, `docker-archive:PATH[:NAME]`), an OCI layout directory (`oci:DIR[:REF]`, as
+    skopeo's) or the local store (`local:NAME`). Without --platform the whole image is copied (every platform
+    of an index).
     """
 
     with ProgressRenderer(quiet=output == "json") as progress:

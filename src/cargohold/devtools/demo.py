@@ -108,6 +108,9 @@ def main() -> None:
                 _run(["copy", f"{host2}/mirror/app:v1", f"oci-archive:{work / 'copy.tar'}", "--output", "json"],
                      root)
         print(f"\ndemo done; data root: {root}" + ("" if keep else " (temporary, removed)"))
+        bindir = Path(sys.executable).parent
+        print(f"the commands are {bindir / 'cargohold'} and {bindir / 'cargohold-registry'}; "
+              f"`. {bindir / 'activate'}` puts them on your shell's PATH (see the README's tour)")
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,9 @@
 """Copy images between registries, archive files and the local store, in the spirit of ``skopeo copy``.
 
 Locations: ``registry://REF`` (or ``docker://REF``, or a bare reference) is a registry; ``oci-archive:PATH[:NAME]``
-and ``docker-archive:PATH[:NAME]`` are archive files; ``local:NAME`` is an image of this store.
+and ``docker-archive:PATH[:NAME]`` are archive files; ``oci:DIR[:REF]`` is an OCI layout directory (skopeo's
+``oci:`` transport: REF is the ``org.opencontainers.image.ref.name`` of its entry); ``local:NAME`` is an image of
+this store.
 
 Content always passes through the local content store, under a lease. Only a ``local:`` destination records
 an image; copying between two other ends leaves no image record behind, and what it fetched or read is
@@ -50,6 +52,7 @@ from cargohold.images.handlers import (
     label_children,
     set_children_labels,
 )
+from cargohold.images.layoutdir import ingest_blob, layout_images, write_layout
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.images import Image
 from cargohold.metadata.labels import LEASE_COPY
@@ -67,6 +70,8 @@ REGISTRY = "registry"
 LOCAL = "local"
 OCI_ARCHIVE = "oci-archive"
 DOCKER_ARCHIVE = "docker-archive"
+OCI_DIR = "oci"
+_WANT = "want registry://REF, oci-archive:PATH[:NAME], docker-archive:PATH[:NAME], oci:DIR[:REF] or local:NAME"
 _REGISTRY_PREFIXES = ("registry://", "docker://")
 
 
@@ -102,25 +107,20 @@ def parse_location(text: str) -> Location:
         if not name:
             raise InvalidArgumentError(f"copy location {text!r}: local: needs an image name")
         return Location(kind=LOCAL, name=name)
-    for kind in (OCI_ARCHIVE, DOCKER_ARCHIVE):
+    for kind in (OCI_ARCHIVE, DOCKER_ARCHIVE, OCI_DIR):
         if text.startswith(f"{kind}:"):
             # PATH ends at the first colon, as skopeo reads it: NAME may hold colons (host:port, tag).
             path, _, name = text[len(kind) + 1:].partition(":")
             if not path:
-                raise InvalidArgumentError(f"copy location {text!r}: {kind}: needs a file path")
+                raise InvalidArgumentError(f"copy location {text!r}: {kind}: needs a "
+                                       f"{'directory' if kind == OCI_DIR else 'file'} path")
             return Location(kind=kind, name=name, path=Path(path))
     if "://" in text:
-        raise InvalidArgumentError(
-            f"copy location {text!r}: unknown transport {text.split('://', 1)[0]!r} (want registry://REF, "
-            "oci-archive:PATH[:NAME], docker-archive:PATH[:NAME] or local:NAME)"
-        )
+        raise InvalidArgumentError(f"copy location {text!r}: unknown transport {text.split('://', 1)[0]!r} ({_WANT})")
     try:
         return Location(kind=REGISTRY, name=str(Reference.parse(text)))
     except InvalidArgumentError as exc:
-        raise InvalidArgumentError(
-            f"copy location {text!r}: not a reference ({exc}); want registry://REF, oci-archive:PATH[:NAME], "
-            "docker-archive:PATH[:NAME] or local:NAME"
-        ) from None
+        raise InvalidArgumentError(f"copy location {text!r}: not a reference ({exc}); {_WANT}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +206,8 @@ def copy(
             if check.remote:  # lazily unpacked: its remote layer blobs come from its source first
                 fetch_remote(store, image, check, lambda: resolver, on_event, f"cannot copy {what}")
             got = _Source(root=image.target, name=image.name)
+        elif source.kind == OCI_DIR:
+            got = _read_layout_source(source, content, wanted, on_event, executor)
         else:
             got = _read_archive_source(source, content, wanted, on_event)
         result = _write_dest(store, source, dest, got, content, wanted, resolver, on_event)
@@ -256,6 +258,31 @@ def _read_archive_source(source: Location, content: NamespacedStore, wanted: Seq
     return _Source(root=target, name=chosen.names[0])
 
 
+def _read_layout_source(source: Location, content: NamespacedStore, wanted: Sequence[Platform],
+                        on_event: EventSink, executor: Executor) -> _Source:
+    """Read the chosen image of an OCI layout directory into ``content``: only the blobs it needs (an index's
+    manifests for ``wanted``, else all), each verified; no image record."""
+    assert source.path is not None
+    directory = source.path
+    chosen = _pick(layout_images(directory, utcnow().date()), source)
+    target = Descriptor(media_type=chosen.target.media_type, digest=chosen.target.digest, size=chosen.target.size)
+    present: list[Descriptor] = []
+    lock = threading.Lock()
+
+    def take(desc: Descriptor) -> Sequence[Descriptor]:
+        if not ingest_blob(content, directory, desc, on_event):
+            with lock:
+                present.append(desc)
+        return []
+
+    matcher = PlatformMatcher(list(wanted)) if wanted else None
+    dispatch(compose(take, filter_platforms(set_children_labels(content, children(content)), matcher)), [target],
+             executor=executor)
+    selection = select(content, target, _platforms(wanted), not wanted)
+    require_complete(f"OCI layout {directory} is incomplete", [(f"image {chosen.names[0]}", selection)])
+    return _Source(root=target, name=chosen.names[0], present=tuple(present))
+
+
 # -- destinations ------------------------------------------------------------------------------------------
 
 
@@ -273,6 +300,12 @@ def _write_dest(store: Store, source: Location, dest: Location, got: _Source, co
         now = utcnow()
         image = store.images.put(Image(name=normalize_name(dest.name), target=got.root, labels={},
                                        created_at=now, updated_at=now))
+    elif dest.kind == OCI_DIR:
+        assert dest.path is not None
+        selection = select(content, got.root, _platforms(wanted), not wanted)
+        require_complete(f"copy to {dest}", [(f"image {got.name}", selection)])
+        write_layout(content, dest.path, got.root, selection.required, dest.name, on_event)
+        archive = dest.path
     else:
         archive = _write_archive_dest(dest, got, content, wanted, on_event)
     return CopyResult(source=str(source), destination=str(dest), target=target, fetched=got.fetched,
@@ -299,16 +332,24 @@ def _platforms(wanted: Sequence[Platform]) -> list[Platform]:
 
 
 def _pick(images: Sequence[ArchiveImage], source: Location) -> ArchiveImage:
-    """The archive's image called ``source.name`` (a full name or the ref name annotation), or its only one."""
+    """The archive's image called ``source.name`` (a full name or the ref name annotation), or its only one.
+    A layout directory's images are listed by their ref names (REF), as skopeo's ``oci:DIR:REF`` names them."""
+    where = f"OCI layout {source.path}" if source.kind == OCI_DIR else f"archive {source.path}"
+
+    def shown(img: ArchiveImage, every: bool) -> list[str]:
+        if source.kind == OCI_DIR:
+            return [img.target.annotations.get(ANNOTATION_REF_NAME) or f"@{img.target.digest}"]
+        return list(img.names if every else img.names[:1])
+
     if not source.name:
         if len(images) == 1:
             return images[0]
-        names = ", ".join(n for img in images for n in img.names[:1])
-        raise InvalidArgumentError(f"archive {source.path} holds {len(images)} images ({names}): name one "
-                                   f"({source.kind}:{source.path}:NAME)")
+        names = ", ".join(n for img in images for n in shown(img, False))
+        raise InvalidArgumentError(f"{where} holds {len(images)} images ({names}): name one "
+                                   f"({source.kind}:{source.path}:{'REF' if source.kind == OCI_DIR else 'NAME'})")
     wanted = normalize_name(source.name)
     for img in images:
         if wanted in img.names or img.target.annotations.get(ANNOTATION_REF_NAME) == source.name:
             return img
-    names = ", ".join(n for img in images for n in img.names) or "none"
-    raise NotFoundError(f"archive {source.path}: no image {source.name!r} (it holds {names})")
+    names = ", ".join(n for img in images for n in shown(img, True)) or "none"
+    raise NotFoundError(f"{where}: no image {source.name!r} (it holds {names})")

@@ -18,6 +18,7 @@ from cargohold.errors import FailedPreconditionError, InvalidArgumentError, NotF
 from cargohold.events import Event, EventSink
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.labels import LABEL_GC_ROOT, MOUNT_LABEL
+from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.platform import Platform
 from cargohold.remotes.resolver import Resolver
 from cargohold.services import images
@@ -46,10 +47,21 @@ def rootfs(store: Store, name: str, target: Path | str, *, on_event: EventSink,
         on_event(Event(action="apply", status="running", item=str(layer.digest), media_type=layer.media_type,
                        total=layer.size))
         with store.content.open(layer.digest) as stream:
-            apply_layer(dest, stream, expected_digest=layer.digest, expected_diff_id=diff_id)
+            apply_layer(dest, stream, expected_digest=layer.digest, expected_diff_id=diff_id,
+                        on_progress=_apply_progress(on_event, layer))
         on_event(Event(action="apply", status="done", item=str(layer.digest), media_type=layer.media_type,
                        current=layer.size, total=layer.size))
     return dest
+
+
+def _apply_progress(on_event: EventSink, layer: Descriptor) -> Callable[[int, int], None]:
+    """``apply`` running events: compressed bytes read against the blob's size (the tar's size is unknown)."""
+
+    def progress(compressed: int, _uncompressed: int) -> None:
+        on_event(Event(action="apply", status="running", item=str(layer.digest), media_type=layer.media_type,
+                       current=min(compressed, layer.size), total=layer.size))
+
+    return progress
 
 
 def remove_rootfs(store: Store, target: Path | str) -> None:

@@ -296,9 +296,16 @@ class Unpacker:
         item = str(layer.digest)
         self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
                             total=layer.size))
+
+        def progress(compressed: int, _uncompressed: int) -> None:
+            # The uncompressed size is unknown until the end: the compressed bytes read against the blob's
+            # size tell how far the layer got.
+            self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
+                                current=min(compressed, layer.size), total=layer.size))
+
         with self.content.open(layer.digest) as stream:
             apply_layer(root, stream, expected_digest=layer.digest, expected_diff_id=diff_id, overlay=overlay,
-                        isolated=isolated)
+                        isolated=isolated, on_progress=progress)
         self.content.update(layer.digest, {UNCOMPRESSED: str(diff_id)})
         self.on_event(Event(action="apply", status="done", item=item, media_type=layer.media_type,
                             current=layer.size, total=layer.size))
