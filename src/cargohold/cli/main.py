@@ -11,12 +11,19 @@ import click
 
 from cargohold import __version__
 from cargohold.cli import archive, push, referrers, runtime
-from cargohold.cli.common import State, output_option, pass_state, unpack_json, with_platforms
+from cargohold.cli.common import State, output_option, pass_state, platform_option, unpack_json, with_platforms
+from cargohold.cli.errors import (
+    EXIT_USAGE,
+    describe_error,
+    finish_interrupted,
+    install_signal_handlers,
+    usage_message,
+)
 from cargohold.cli.output import emit_json, eprint, human_size, table
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client, default_root
 from cargohold.config import find_config
-from cargohold.errors import CargoholdError, InvalidArgumentError
+from cargohold.events import Cancel
 from cargohold.images.entries import index_entries, summarize
 from cargohold.metadata.images import Image
 from cargohold.oci.digest import Digest
@@ -45,7 +52,8 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     root = root or default_root()
-    ctx.obj = State(root, namespace, hosts_dir, plain_http, find_config(config_path, root))
+    cancel = ctx.obj if isinstance(ctx.obj, Cancel) else Cancel()  # main()'s, set by Ctrl-C and SIGTERM
+    ctx.obj = State(root, namespace, hosts_dir, plain_http, find_config(config_path, root), cancel=cancel)
 
 
 # -- pull ----------------------------------------------------------------------------------------------------
@@ -98,7 +106,7 @@ def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool
 @cli.command()
 @click.argument("image")
 @click.option("--snapshotter", default=None, help="Snapshotter to unpack into.")
-@click.option("--platform", default=None, help="Platform of an index to unpack.")
+@platform_option
 @click.option("--offline", is_flag=True, help="Never contact a registry; a missing blob is an error.")
 @output_option
 @pass_state
@@ -120,7 +128,7 @@ def unpack(state: State, image: str, snapshotter: str | None, platform: str | No
 @click.argument("image")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--snapshotter", default=None)
-@click.option("--platform", default=None)
+@platform_option
 @click.option("--rw", is_flag=True, help="Mount a writable snapshot instead of a read-only view.")
 @pass_state
 def mount(state: State, image: str, target: Path, snapshotter: str | None, platform: str | None, rw: bool
@@ -143,7 +151,7 @@ def unmount(state: State, target: Path) -> None:
 @cli.command()
 @click.argument("image")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--platform", default=None)
+@platform_option
 @pass_state
 def rootfs(state: State, image: str, target: Path, platform: str | None) -> None:
     """Write IMAGE's flattened filesystem (whiteouts applied) into the empty directory TARGET."""
@@ -188,7 +196,7 @@ def _image_json(client: Client, image: Image) -> dict[str, Any]:
 @pass_state
 def images_ls(state: State, quiet: bool, output: str) -> None:
     """List images."""
-    client = state.client()
+    client = state.client(create=False)
     imgs = client.list_images()
     if quiet and output != "json":
         for i in imgs:
@@ -216,12 +224,12 @@ def _kind(media_type: str) -> str:
 
 @images.command("inspect")
 @click.argument("name")
-@click.option("--platform", default=None, help="Platform of an index to show.")
+@platform_option
 @output_option
 @pass_state
 def images_inspect(state: State, name: str, platform: str | None, output: str) -> None:
     """Show an image: target, manifest for the platform, config, layers with diffIDs and chainIDs."""
-    client = state.client()
+    client = state.client(create=False)
     image = client.image(name)
     resolved = client.resolve_manifest(name, platform)
     info = _image_json(client, image)
@@ -301,7 +309,7 @@ def images_rm(state: State, names: tuple[str, ...], output: str) -> None:
 def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
                  output: str) -> None:
     """Say whether each image has every blob it needs; exit 1 when one is incomplete."""
-    client = state.client()
+    client = state.client(create=False)
     targets = list(names) or [i.name for i in client.list_images()]
     results: list[dict[str, Any]] = []
     for n in targets:
@@ -337,8 +345,8 @@ def snapshots(ctx: click.Context, snapshotter: str | None) -> None:
     ctx.meta["snapshotter"] = snapshotter
 
 
-def _sn(ctx: click.Context, state: State) -> tuple[Client, Snapshotter]:
-    client = state.client()
+def _sn(ctx: click.Context, state: State, *, create: bool = False) -> tuple[Client, Snapshotter]:
+    client = state.client(create=create)
     return client, client.snapshotter(ctx.meta.get("snapshotter"))
 
 
@@ -441,7 +449,7 @@ def content() -> None:
 @pass_state
 def content_ls(state: State, output: str) -> None:
     """List blobs with sizes and labels."""
-    client = state.client()
+    client = state.client(create=False)
     infos = sorted(client.content.walk(), key=lambda i: str(i.digest))
     if output == "json":
         emit_json([{"digest": str(i.digest), "size": i.size, "created_at": i.created_at,
@@ -457,7 +465,7 @@ def content_ls(state: State, output: str) -> None:
 @pass_state
 def content_get(state: State, digest: str) -> None:
     """Write a blob's bytes to stdout."""
-    client = state.client()
+    client = state.client(create=False)
     d = Digest.parse(digest)
     out = sys.stdout.buffer
     with client.content.open(d) as f:
@@ -514,27 +522,29 @@ for _module in (archive, push, referrers, runtime):
 
 
 def main() -> None:
+    """The ``cargohold`` entry point: run the command, turn every failure into one line and an exit status
+    (README, "Exit status"): 1 the operation failed, 2 bad input, 130 interrupted (143 on SIGTERM)."""
+    cancel = Cancel()
+    signals = install_signal_handlers(cancel)
     try:
-        cli.main(prog_name="cargohold", standalone_mode=False)
-    except click.exceptions.Abort:
+        cli.main(prog_name="cargohold", standalone_mode=False, obj=cancel)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, or an operation's CancelledError
         eprint("cargohold: interrupted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        eprint("cargohold: interrupted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        finish_interrupted(signals)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except InvalidArgumentError as exc:
-        eprint(f"cargohold: error: {exc}")
-        sys.exit(2)
-    except CargoholdError as exc:
-        eprint(f"cargohold: error: {exc}")
-        sys.exit(1)
+    except click.ClickException as exc:  # usage errors and the like: our prefix, exit 2 (click's own status)
+        eprint(f"cargohold: error: {usage_message(exc)}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:  # a prompt hit the end of its input
+        eprint("cargohold: error: no input: stdin is not a terminal (pass the value as an option)")
+        sys.exit(EXIT_USAGE)
     except BrokenPipeError:
         sys.exit(141)
+    except BaseException as exc:  # noqa: BLE001 - nothing but the one line reaches the user
+        message, status = describe_error(exc)
+        eprint(f"cargohold: error: {message}")
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -258,9 +258,15 @@ class Unpacker:
         item = str(layer.digest)
         self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
                             total=layer.size))
+
+        def progress(compressed: int, _: int) -> None:
+            # Also where a cancelled unpack stops mid-layer (the sink raises CancelledError).
+            self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
+                                current=min(compressed, layer.size), total=layer.size))
+
         with self.content.open(layer.digest) as stream:
             apply_layer(root, stream, expected_digest=layer.digest, expected_diff_id=diff_id, overlay=overlay,
-                        isolated=isolated)
+                        isolated=isolated, on_progress=progress)
         self.content.update(layer.digest, {UNCOMPRESSED: str(diff_id)})
         self.on_event(Event(action="apply", status="done", item=item, media_type=layer.media_type,
                             current=layer.size, total=layer.size))
