@@ -536,8 +536,11 @@ def main() -> None:
     except click.ClickException as exc:  # usage errors and the like: our prefix, exit 2 (click's own status)
         eprint(f"cargohold: error: {usage_message(exc)}")
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:  # a prompt hit the end of its input
-        eprint("cargohold: error: no input: stdin is not a terminal (pass the value as an option)")
+    except click.exceptions.Abort as exc:  # click's wrapping of a KeyboardInterrupt, or of a prompt's EOF
+        if isinstance(exc.__cause__, KeyboardInterrupt) or signals.received:
+            eprint("cargohold: interrupted")
+            finish_interrupted(signals)
+        eprint("cargohold: error: no input: stdin ended at a prompt (pass the value as an option)")
         sys.exit(EXIT_USAGE)
     except BrokenPipeError:
         sys.exit(141)
