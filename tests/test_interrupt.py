@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.cli import cargohold_cmd, cli
 
 from cargohold.devtools import samples
 from cargohold.devtools.registry import RegistryProcess
-from tests.support.cli import cargohold_cmd, cli
 
 EXIT_WITHIN = 2.0
 

@@ -9,6 +9,7 @@ services of ``cargohold.services`` take a ``Store``.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -75,8 +76,13 @@ class Store:
         self.root = root
         self.namespace = namespace
         self.config = config
-        self.db = MetadataDB(root / "metadata.db")
-        self.db.ensure_namespace(namespace)
+        try:
+            self.db = MetadataDB(root / "metadata.db")
+            self.db.ensure_namespace(namespace)
+        except sqlite3.Error as exc:  # a read-only or foreign-owned root: name the file, say what to do
+            raise FailedPreconditionError(
+                f"metadata database {root / 'metadata.db'}: {exc}: use a data root you can write "
+                "(--root or $CARGOHOLD_ROOT), or run as its owner") from None
         self.local = LocalStore(root)
         self.content = NamespacedStore(self.local, self.db, namespace)
         self.images = ImageStore(self.db, namespace)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,6 +110,19 @@ def validate_platform(_ctx: click.Context, param: click.Parameter, value: T) -> 
             parse_platform(str(text))
         except InvalidArgumentError as exc:
             raise click.BadParameter(str(exc), param=param) from None
+    return value
+
+
+# sun_path of struct sockaddr_un holds 108 bytes, the last one the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def validate_socket_path(_ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Click callback: a unix socket path the kernel accepts (at most 107 bytes), else a usage error."""
+    if value is not None and len(os.fsencode(str(value))) > MAX_SOCKET_PATH:
+        raise click.BadParameter(
+            f"socket path {value} is {len(os.fsencode(str(value)))} bytes; a unix socket path has at most "
+            f"{MAX_SOCKET_PATH}: choose a shorter one (e.g. under /run)", param=param)
     return value
 
 
