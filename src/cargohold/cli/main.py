@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cargohold import __version__
-from cargohold.cli import archive, push, referrers, runtime
+from cargohold.cli import archive, login, push, referrers, runtime
 from cargohold.cli.common import State, output_option, pass_state, platform_option, unpack_json, with_platforms
 from cargohold.cli.errors import (
     EXIT_USAGE,
@@ -517,7 +517,7 @@ def gc(state: State, dry_run: bool, output: str) -> None:
 
 
 # Commands that live in their own modules (archives, push, CRI).
-for _module in (archive, push, referrers, runtime):
+for _module in (archive, login, push, referrers, runtime):
     _module.register(cli)
 
 
