@@ -100,8 +100,10 @@ class ProgressRenderer:
     def _line(self, event: Event) -> None:
         if event.action == "host" and event.status != "error":
             return  # which registry host answered: --debug logs it
-        if event.status == "error" and event.action != "host":
-            return  # the failure ends the command, which prints it once (a host's is followed by the next)
+        if event.status == "error":
+            # A failure ends the command, which prints it once; a host that failed before another answered
+            # is in the --debug log.
+            return
         if event.status == "running" and event.action in _BAR_ACTIONS and event.current:
             return  # plain output: one line per item state, not per chunk
         parts = [event.action, event.status]
