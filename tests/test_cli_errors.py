@@ -4,7 +4,9 @@ status (1 failed, 2 bad input), never a traceback; read-only commands never crea
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,10 +61,11 @@ def test_unwritable_roots_name_the_path(tmp_path: Path) -> None:
     _one_error(cli(afile, "images", "tag", "a", "b", check=False), 2, f"'{afile}' is a file")
     _one_error(cli(afile / "sub", "images", "tag", "a", "b", check=False), 1, f"cannot create data root {afile}")
 
-    # Another user's root: run as nobody (the test runs as root).
-    root = tmp_path / "owned"
+    # Another user's root: run as nobody (the test runs as root), in a directory nobody may enter.
+    base = Path(tempfile.mkdtemp(prefix="cargohold-owned-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    root = base / "owned"
     cli(root, "gc")
-    os.chmod(tmp_path, 0o755)
     nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
     proc = subprocess.run([*nobody, *cargohold_cmd(root, "images", "tag", "a", "b")], text=True,
                           capture_output=True, timeout=60)
@@ -70,6 +73,7 @@ def test_unwritable_roots_name_the_path(tmp_path: Path) -> None:
     proc = subprocess.run([*nobody, *cargohold_cmd(root, "images", "ls")], text=True, capture_output=True,
                           timeout=60)
     _one_error(proc, 1, f"{root}/metadata.db")
+    shutil.rmtree(base)
 
 
 def test_read_only_file_system_root(tmp_path: Path) -> None:
