@@ -19,12 +19,13 @@ from cargohold.cli.errors import (
     install_signal_handlers,
     usage_message,
 )
-from cargohold.cli.output import emit_json, eprint, human_size, table
+from cargohold.cli.output import emit_json, eprint, human_size, labels_cell, table
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client, default_root
 from cargohold.config import find_config
 from cargohold.events import Cancel
 from cargohold.images.entries import index_entries, summarize
+from cargohold.images.image import walk_required
 from cargohold.metadata.images import Image
 from cargohold.oci.digest import Digest
 from cargohold.snapshots import available_snapshotters
@@ -127,7 +128,8 @@ def unpack(state: State, image: str, snapshotter: str | None, platform: str | No
 @cli.command()
 @click.argument("image")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--snapshotter", default=None)
+@click.option("--snapshotter", default=None, help="Snapshotter to unpack into and mount from (overlayfs, "
+              "native, a configured proxy). Default: the root's default.")
 @platform_option
 @click.option("--rw", is_flag=True, help="Mount a writable snapshot instead of a read-only view.")
 @pass_state
@@ -143,7 +145,8 @@ def mount(state: State, image: str, target: Path, snapshotter: str | None, platf
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
 @pass_state
 def unmount(state: State, target: Path) -> None:
-    """Unmount a directory mounted by ``cargohold mount`` and remove its snapshot."""
+    """Unmount a directory mounted by 'cargohold mount' and remove its snapshot; fails when nothing is mounted
+    there."""
     state.client().unmount(target)
     click.echo(str(target))
 
@@ -165,7 +168,7 @@ def rootfs(state: State, image: str, target: Path, platform: str | None) -> None
 @click.argument("target", type=click.Path(path_type=Path))
 @pass_state
 def rm_rootfs(state: State, target: Path) -> None:
-    """Remove a directory written by ``rootfs``, read-only directories included (where ``rm -rf`` fails for
+    """Remove a directory written by 'rootfs', read-only directories included (where 'rm -rf' fails for
     an ordinary user). Symlinks are not followed; a tree with a mount inside is refused."""
     state.client().remove_rootfs(target)
 
@@ -183,11 +186,19 @@ def _image_json(client: Client, image: Image) -> dict[str, Any]:
         "name": image.name,
         "digest": str(image.target.digest),
         "media_type": image.target.media_type,
-        "size": image.target.size,
+        "size": _image_size(client, image),
         "labels": dict(image.labels),
         "created_at": image.created_at,
         "updated_at": image.updated_at,
     }
+
+
+def _image_size(client: Client, image: Image) -> int:
+    """The bytes of the image's blobs in the store (target, manifests, configs, layers of every platform
+    present; each blob once), not the size of its target manifest or index alone."""
+    walked = walk_required(client.content, image.target, None)
+    missing = {d.digest for d in walked.missing}
+    return sum({d.digest: d.size for d in walked.required if d.digest not in missing}.values())
 
 
 @images.command("ls")
@@ -456,7 +467,7 @@ def content_ls(state: State, output: str) -> None:
                     "updated_at": i.updated_at, "labels": dict(i.labels)} for i in infos])
         return
     table(["DIGEST", "SIZE", "LABELS"],
-          [[str(i.digest), human_size(i.size), ",".join(f"{k}={v}" for k, v in sorted(i.labels.items())) or "-"]
+          [[str(i.digest), human_size(i.size), labels_cell(i.labels)]
            for i in infos])
 
 
