@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -68,3 +69,12 @@ def test_help_has_no_markup_and_every_option_of_mount_and_rootfs_is_explained() 
     for name in ("mount", "rootfs"):
         command = cli_group.commands[name]
         assert all(p.help for p in command.params if isinstance(p, click.Option)), name
+
+
+def test_shell_completion_as_documented(tmp_path: Path) -> None:
+    env = {**os.environ, "_CARGOHOLD_COMPLETE": "bash_source"}
+    script = cli(tmp_path / "root", env=env)
+    assert "_cargohold_completion" in script.stdout and script.stderr == ""
+    env = {**os.environ, "_CARGOHOLD_COMPLETE": "bash_complete", "COMP_WORDS": "cargohold ima", "COMP_CWORD": "1"}
+    assert cli(tmp_path / "root", env=env).stdout.split() == ["plain,images"]
+    assert not (tmp_path / "root").exists()

@@ -555,7 +555,7 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     except BrokenPipeError:
         sys.exit(141)
-    except BaseException as exc:  # noqa: BLE001 - nothing but the one line reaches the user
+    except Exception as exc:  # noqa: BLE001 - nothing but the one line reaches the user
         message, status = describe_error(exc)
         eprint(f"cargohold: error: {message}")
         sys.exit(status)
