@@ -157,7 +157,8 @@ def committed(client: Client, snapshotter: str) -> dict[str, dict[str, str]]:
 
 
 def applied(events: list[Event]) -> int:
-    return sum(1 for e in events if e.action == "apply" and e.status == "running")
+    """Layer applies started (an apply's later "running" events report its progress)."""
+    return sum(1 for e in events if e.action == "apply" and e.status == "running" and e.current == 0)
 
 
 # -- the image service ---------------------------------------------------------------------------------------

@@ -87,11 +87,12 @@ def _prompt_password(user: str) -> str:
     return str(click.prompt(f"Password for {user}", hide_input=True, err=True))
 
 
-# GOOS and GOARCH values (the OCI image spec's platform values come from Go's).
-KNOWN_OS = frozenset({"aix", "android", "darwin", "dragonfly", "freebsd", "illumos", "ios", "js", "linux",
-                      "netbsd", "openbsd", "plan9", "solaris", "wasip1", "windows"})
-KNOWN_ARCH = frozenset({"386", "amd64", "arm", "arm64", "loong64", "mips", "mips64", "mips64le", "mipsle", "ppc64",
-                        "ppc64le", "riscv64", "s390x", "sparc64", "wasm"})
+# GOOS and GOARCH values (the OCI image spec's platform values come from Go's), and the "unknown/unknown" of
+# attestation entries.
+KNOWN_OS = frozenset({"unknown", "aix", "android", "darwin", "dragonfly", "freebsd", "illumos", "ios", "js",
+                      "linux", "netbsd", "openbsd", "plan9", "solaris", "wasip1", "windows"})
+KNOWN_ARCH = frozenset({"unknown", "386", "amd64", "arm", "arm64", "loong64", "mips", "mips64", "mips64le",
+                        "mipsle", "ppc64", "ppc64le", "riscv64", "s390x", "sparc64", "wasm"})
 
 
 def parse_platform(text: str) -> Platform:
