@@ -130,7 +130,9 @@ def _interrupt(proc: subprocess.Popen[str], sig: int, lines: list[str]) -> tuple
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    return proc.returncode, time.monotonic() - sent, "".join(lines) + err
+    took = time.monotonic() - sent
+    print(f"exit after {took:.2f} s")
+    return proc.returncode, took, "".join(lines) + err
 
 
 def _assert_nothing_recorded(root: Path) -> None:

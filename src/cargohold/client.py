@@ -151,6 +151,15 @@ class Client:
                 self._unpack_pool = ThreadPoolExecutor(self.max_concurrent_downloads, thread_name_prefix="unpack")
             return self._unpack_pool
 
+    def stop(self) -> None:
+        """Cancel the running operation: set the token, drop queued tasks, let the workers go as they notice.
+        Does not wait (an interrupted command waits, bounded, for its threads); ``close()`` still follows."""
+        self.cancel.cancel()
+        with self._lock:
+            pools = [p for p in (self._walk_pool, self._unpack_pool) if p is not None]
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def close(self) -> None:
         """Shut down the worker pools; release the registry connections, the snapshotters (a proxy's gRPC
         channel) and the database."""

@@ -50,8 +50,9 @@ class State:
     """The global options, and the cancellation token of this run (set by Ctrl-C and SIGTERM)."""
 
     def __init__(self, root: Path, namespace: str, hosts_dir: Path | None, plain_http: bool, config: Config,
-                 *, cancel: Cancel | None = None) -> None:
+                 *, cancel: Cancel | None = None, stoppers: list[Callable[[], None]] | None = None) -> None:
         self.cancel = cancel or Cancel()
+        self.stoppers = stoppers if stoppers is not None else []
         self.root = root
         self.namespace = namespace
         self.hosts_dir = hosts_dir
@@ -62,7 +63,7 @@ class State:
                namespace: str | None = None, create: bool = True) -> Client:
         """A client of the data root; read-only commands pass ``create=False``: a missing root is an error
         (NotFoundError), not an empty one made as a side effect."""
-        return Client(
+        client = Client(
             self.root,
             namespace=namespace or self.namespace,
             hosts_dir=self.hosts_dir,
@@ -74,6 +75,8 @@ class State:
             cancel=self.cancel,
             create=create,
         )
+        self.stoppers.append(client.stop)
+        return client
 
 
 pass_state = click.make_pass_decorator(State)

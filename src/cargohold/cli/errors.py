@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import NoReturn
@@ -41,6 +42,8 @@ class Signals:
 
     cancel: Cancel
     received: list[int] = field(default_factory=list)
+    # Called on interruption, before waiting for the threads: each client's ``stop`` (drop queued work).
+    stoppers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def status(self) -> int:
@@ -67,6 +70,8 @@ def install_signal_handlers(cancel: Cancel) -> Signals:
 def finish_interrupted(signals: Signals) -> NoReturn:
     """Exit after an interruption: stop the workers (cancel), give them ``UNWIND_SECONDS`` to unwind, exit."""
     signals.cancel.cancel("interrupted")
+    for stop in signals.stoppers:
+        stop()
     deadline = time.monotonic() + UNWIND_SECONDS
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:

@@ -14,6 +14,7 @@ from cargohold.cli import archive, login, push, referrers, runtime
 from cargohold.cli.common import State, output_option, pass_state, platform_option, unpack_json, with_platforms
 from cargohold.cli.errors import (
     EXIT_USAGE,
+    Signals,
     describe_error,
     finish_interrupted,
     install_signal_handlers,
@@ -53,8 +54,10 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     root = root or default_root()
-    cancel = ctx.obj if isinstance(ctx.obj, Cancel) else Cancel()  # main()'s, set by Ctrl-C and SIGTERM
-    ctx.obj = State(root, namespace, hosts_dir, plain_http, find_config(config_path, root), cancel=cancel)
+    # main()'s signal state: Ctrl-C and SIGTERM cancel its token and stop the clients made.
+    signals = ctx.obj if isinstance(ctx.obj, Signals) else Signals(cancel=Cancel())
+    ctx.obj = State(root, namespace, hosts_dir, plain_http, find_config(config_path, root), cancel=signals.cancel,
+                    stoppers=signals.stoppers)
 
 
 # -- pull ----------------------------------------------------------------------------------------------------
@@ -535,10 +538,9 @@ for _module in (archive, login, push, referrers, runtime):
 def main() -> None:
     """The ``cargohold`` entry point: run the command, turn every failure into one line and an exit status
     (README, "Exit status"): 1 the operation failed, 2 bad input, 130 interrupted (143 on SIGTERM)."""
-    cancel = Cancel()
-    signals = install_signal_handlers(cancel)
+    signals = install_signal_handlers(Cancel())
     try:
-        cli.main(prog_name="cargohold", standalone_mode=False, obj=cancel)
+        cli.main(prog_name="cargohold", standalone_mode=False, obj=signals)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM, or an operation's CancelledError
         eprint("cargohold: interrupted")
         finish_interrupted(signals)
