@@ -189,8 +189,9 @@ def test_signal_during_fetch_stops_and_next_pull_resumes(tmp_path: Path, registr
     assert names == [ref]
 
 
+@pytest.mark.parametrize("point", ["apply running layer", "apply done layer"])  # applying; committing the first
 def test_sigint_while_applying_discards_the_active_snapshot(tmp_path: Path, registry: RegistryProcess,
-                                                            relay: Relay) -> None:
+                                                            relay: Relay, point: str) -> None:
     img = _big_image(23)
     samples.push(registry.url, "int/apply", "v1", img)
     root = tmp_path / "root"
@@ -200,7 +201,7 @@ def test_sigint_while_applying_discards_the_active_snapshot(tmp_path: Path, regi
     cli(root, "images", "rm", ref)
     proc = _start(root, ref)
     lines: list[str] = []
-    _wait_line(proc, "apply running layer", lines)
+    _wait_line(proc, point, lines)
     status, took, err = _interrupt(proc, signal.SIGINT, lines)
     assert status == 130, err
     assert took < EXIT_WITHIN, err
