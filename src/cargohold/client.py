@@ -18,7 +18,7 @@ from typing import BinaryIO
 from cargohold.config import Config, find_config
 from cargohold.content.local import LocalStore
 from cargohold.content.namespaced import NamespacedStore
-from cargohold.events import EventSink, discard
+from cargohold.events import Cancel, EventSink, cancellable, discard
 from cargohold.images.archive import ExportResult
 from cargohold.images.image import CheckResult, ResolvedManifest
 from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
@@ -52,7 +52,7 @@ from cargohold.services.pull import PullResult
 from cargohold.services.push import PushResult
 from cargohold.services.runtime import RuntimeImage
 from cargohold.snapshots.base import Mount, Snapshotter
-from cargohold.store import Store, default_root
+from cargohold.store import Store, default_root, open_root
 from cargohold.unpack.unpacker import UnpackResult
 
 __all__ = ["Client", "CopyResult", "ExportResult", "ImageRow", "ImportResult", "PruneResult", "PullAuth",
@@ -80,9 +80,11 @@ class Client:
         on_event: EventSink | None = None,
         default_snapshotter: str | None = None,
         config: Config | None = None,
+        cancel: Cancel | None = None,
+        create: bool = True,
     ) -> None:
         path = Path(root) if root is not None else default_root()
-        path.mkdir(parents=True, exist_ok=True)
+        open_root(path, create=create)
         # Arguments win over the config file, which wins over built-in defaults.
         config = config if config is not None else find_config(None, path)
         self.store = Store(path, namespace=namespace, config=config, default_snapshotter=default_snapshotter)
@@ -91,7 +93,9 @@ class Client:
         self.credentials = credentials
         self.plain_http = plain_http
         self.max_concurrent_downloads = max(1, max_concurrent_downloads or config.max_concurrent_downloads)
-        self.on_event: EventSink = on_event or discard
+        # Every operation's progress reports are its cancellation points (see ``events.cancellable``).
+        self.cancel = cancel or Cancel()
+        self.on_event: EventSink = cancellable(on_event or discard, self.cancel)
         self._resolver: Resolver | None = None
         self._walk_pool: ThreadPoolExecutor | None = None
         self._unpack_pool: ThreadPoolExecutor | None = None
@@ -164,6 +168,15 @@ class Client:
                 self._unpack_pool = ThreadPoolExecutor(self.max_concurrent_downloads, thread_name_prefix="unpack")
             return self._unpack_pool
 
+    def stop(self) -> None:
+        """Cancel the running operation: set the token, drop queued tasks, let the workers go as they notice.
+        Does not wait (an interrupted command waits, bounded, for its threads); ``close()`` still follows."""
+        self.cancel.cancel()
+        with self._lock:
+            pools = [p for p in (self._walk_pool, self._unpack_pool) if p is not None]
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def close(self) -> None:
         """Shut down the worker pools; release the registry connections, the snapshotters (a proxy's gRPC
         channel) and the database."""
@@ -172,7 +185,8 @@ class Client:
             self._walk_pool = self._unpack_pool = None
             resolver, self._resolver = self._resolver, None
         for pool in pools:
-            pool.shutdown(wait=True)
+            # After a cancellation the queued tasks are dropped; running ones stop at their next check.
+            pool.shutdown(wait=True, cancel_futures=self.cancel.cancelled)
         if resolver is not None:
             resolver.close()
         self.store.close()

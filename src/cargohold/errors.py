@@ -94,3 +94,11 @@ class RegistryError(CargoholdError):
 
 class UnsafePathError(InvalidArgumentError):
     """A tar entry would write outside the root (../, absolute, through a symlink, hardlink out)."""
+
+
+class CancelledError(KeyboardInterrupt):
+    """The operation was cancelled (Ctrl-C, SIGTERM, ``Cancel.cancel()``) and stopped where it was.
+
+    A KeyboardInterrupt, not a CargoholdError: handlers that fall back on an error (the next registry host,
+    a retry) must let a cancellation through, and a worker thread's cancellation surfaces in the caller as
+    the interruption it is."""

@@ -9,6 +9,7 @@ services of ``cargohold.services`` take a ``Store``.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,7 @@ from typing import Self
 from cargohold.config import Config, find_config
 from cargohold.content.local import LocalStore
 from cargohold.content.namespaced import NamespacedStore
+from cargohold.errors import FailedPreconditionError, NotFoundError
 from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
 from cargohold.metadata.images import ImageStore
 from cargohold.metadata.leases import LeaseStore
@@ -34,6 +36,37 @@ def default_root() -> Path:
     return Path.home() / ".local" / "share" / "cargohold"
 
 
+def open_root(path: Path, *, create: bool = True) -> None:
+    """Make sure the data root ``path`` is a usable directory, creating it when ``create``.
+
+    The operating system's refusals become one error naming the path and what to do: NotFoundError for a
+    root that does not exist (and is not to be created), FailedPreconditionError for one that cannot be
+    created or written (no permission, a read-only file system, a file in the way)."""
+    if not create:
+        if not path.is_dir():
+            raise NotFoundError(f"data root {path} does not exist (nothing pulled yet?)")
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FailedPreconditionError(f"data root {path} is not a directory: choose another --root") from None
+    except OSError as exc:
+        raise FailedPreconditionError(
+            f"cannot create data root {path}: {exc.strerror or exc}: choose a writable --root "
+            "(or $CARGOHOLD_ROOT)") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(path) else "permission denied"
+        raise FailedPreconditionError(
+            f"data root {path} is not writable ({why}): choose a writable --root (or $CARGOHOLD_ROOT)")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 class Store:
     """The data of one root seen from one namespace. Thread-safe; ``close()`` (or ``with``) releases the
     snapshotters (a proxy's gRPC channel) and the database connections."""
@@ -43,8 +76,13 @@ class Store:
         self.root = root
         self.namespace = namespace
         self.config = config
-        self.db = MetadataDB(root / "metadata.db", lock_timeout=config.lock_timeout)
-        self.db.ensure_namespace(namespace)
+        try:
+            self.db = MetadataDB(root / "metadata.db", lock_timeout=config.lock_timeout)
+            self.db.ensure_namespace(namespace)
+        except sqlite3.Error as exc:  # a read-only or foreign-owned root: name the file, say what to do
+            raise FailedPreconditionError(
+                f"metadata database {root / 'metadata.db'}: {exc}: use a data root you can write "
+                "(--root or $CARGOHOLD_ROOT), or run as its owner") from None
         self.local = LocalStore(root)
         self.content = NamespacedStore(self.local, self.db, namespace)
         self.images = ImageStore(self.db, namespace)
@@ -55,11 +93,12 @@ class Store:
 
     @classmethod
     def open(cls, root: Path | str | None = None, *, namespace: str = DEFAULT_NAMESPACE,
-             config: Config | None = None, default_snapshotter: str | None = None) -> Store:
-        """Open (creating) the data root ``root`` (default: ``default_root()``) in ``namespace``; ``config``
-        defaults to the config file found for the root."""
+             config: Config | None = None, default_snapshotter: str | None = None, create: bool = True
+             ) -> Store:
+        """Open (creating, unless not ``create``) the data root ``root`` (default: ``default_root()``) in
+        ``namespace``; ``config`` defaults to the config file found for the root."""
         path = Path(root) if root is not None else default_root()
-        path.mkdir(parents=True, exist_ok=True)
+        open_root(path, create=create)
         return cls(path, namespace=namespace, config=config if config is not None else find_config(None, path),
                    default_snapshotter=default_snapshotter)
 

@@ -11,15 +11,24 @@ from typing import Any
 import click
 
 from cargohold import __version__
-from cargohold.cli import archive, images_extra, inspect, push, referrers, runtime
-from cargohold.cli.common import State, output_option, pass_state, unpack_json, with_platforms
+from cargohold.cli import archive, images_extra, inspect, login, push, referrers, runtime
+from cargohold.cli.common import State, output_option, pass_state, platform_option, unpack_json, with_platforms
+from cargohold.cli.errors import (
+    EXIT_USAGE,
+    Signals,
+    describe_error,
+    finish_interrupted,
+    install_signal_handlers,
+    usage_message,
+)
 from cargohold.cli.inspect import show_runtime
-from cargohold.cli.output import emit_json, eprint, human_size, plural, table
+from cargohold.cli.output import emit_json, eprint, human_size, labels_cell, plural, table
 from cargohold.cli.progress import QUIET_KEY, ProgressRenderer
 from cargohold.client import Client, default_root
 from cargohold.config import find_config
-from cargohold.errors import CargoholdError, InvalidArgumentError
+from cargohold.events import Cancel
 from cargohold.images.entries import index_entries
+from cargohold.images.image import walk_required
 from cargohold.metadata.images import Image
 from cargohold.oci.digest import Digest
 from cargohold.services.inspect import config_json
@@ -56,7 +65,9 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
     config = find_config(config_path, root)
     if lock_timeout is not None:  # the option wins over the config file
         config = dataclasses.replace(config, lock_timeout=lock_timeout)
-    ctx.obj = State(root, namespace, hosts_dir, plain_http, config)
+    # main()'s signal state: Ctrl-C and SIGTERM cancel its token and stop the clients made.
+    signals = ctx.obj if isinstance(ctx.obj, Signals) else Signals(cancel=Cancel())
+    ctx.obj = State(root, namespace, hosts_dir, plain_http, config, cancel=signals.cancel, stoppers=signals.stoppers)
 
 
 # -- pull ----------------------------------------------------------------------------------------------------
@@ -110,7 +121,7 @@ def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool
 @cli.command()
 @click.argument("image")
 @click.option("--snapshotter", default=None, help="Snapshotter to unpack into.")
-@click.option("--platform", default=None, help="Platform of an index to unpack.")
+@platform_option
 @click.option("--offline", is_flag=True, help="Never contact a registry; a missing blob is an error.")
 @output_option
 @pass_state
@@ -131,8 +142,9 @@ def unpack(state: State, image: str, snapshotter: str | None, platform: str | No
 @cli.command()
 @click.argument("image")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--snapshotter", default=None)
-@click.option("--platform", default=None)
+@click.option("--snapshotter", default=None, help="Snapshotter to unpack into and mount from (overlayfs, "
+              "native, a configured proxy). Default: the root's default.")
+@platform_option
 @click.option("--rw", is_flag=True, help="Mount a writable snapshot instead of a read-only view.")
 @pass_state
 def mount(state: State, image: str, target: Path, snapshotter: str | None, platform: str | None, rw: bool
@@ -147,7 +159,8 @@ def mount(state: State, image: str, target: Path, snapshotter: str | None, platf
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
 @pass_state
 def unmount(state: State, target: Path) -> None:
-    """Unmount a directory mounted by ``cargohold mount`` and remove its snapshot."""
+    """Unmount a directory mounted by 'cargohold mount' and remove its snapshot; fails when nothing is mounted
+    there."""
     state.client().unmount(target)
     click.echo(str(target))
 
@@ -155,7 +168,7 @@ def unmount(state: State, target: Path) -> None:
 @cli.command()
 @click.argument("image")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--platform", default=None)
+@platform_option
 @pass_state
 def rootfs(state: State, image: str, target: Path, platform: str | None) -> None:
     """Write IMAGE's flattened filesystem (whiteouts applied) into the empty directory TARGET."""
@@ -169,7 +182,7 @@ def rootfs(state: State, image: str, target: Path, platform: str | None) -> None
 @click.argument("target", type=click.Path(path_type=Path))
 @pass_state
 def rm_rootfs(state: State, target: Path) -> None:
-    """Remove a directory written by ``rootfs``, read-only directories included (where ``rm -rf`` fails for
+    """Remove a directory written by 'rootfs', read-only directories included (where 'rm -rf' fails for
     an ordinary user). Symlinks are not followed; a tree with a mount inside is refused."""
     state.client().remove_rootfs(target)
 
@@ -187,11 +200,19 @@ def _image_json(client: Client, image: Image) -> dict[str, Any]:
         "name": image.name,
         "digest": str(image.target.digest),
         "media_type": image.target.media_type,
-        "size": image.target.size,
+        "size": _image_size(client, image),
         "labels": dict(image.labels),
         "created_at": image.created_at,
         "updated_at": image.updated_at,
     }
+
+
+def _image_size(client: Client, image: Image) -> int:
+    """The bytes of the image's blobs in the store (target, manifests, configs, layers of every platform
+    present; each blob once), not the size of its target manifest or index alone."""
+    walked = walk_required(client.content, image.target, None)
+    missing = {d.digest for d in walked.missing}
+    return sum({d.digest: d.size for d in walked.required if d.digest not in missing}.values())
 
 
 @images.command("ls")
@@ -207,7 +228,7 @@ def _image_json(client: Client, image: Image) -> dict[str, Any]:
 def images_ls(state: State, quiet: bool, filters: tuple[str, ...], snapshotter: str | None, output: str) -> None:
     """List images: kind, digest, platforms, size of the host platform's blobs (compressed) and unpacked
     snapshots, and when the image was created (its config's date)."""
-    client = state.client()
+    client = state.client(create=False)
     imgs = client.find_images(filters)
     if quiet and output != "json":
         for i in imgs:
@@ -230,12 +251,12 @@ def _kind(media_type: str) -> str:
 
 @images.command("inspect")
 @click.argument("name")
-@click.option("--platform", default=None, help="Platform of an index to show.")
+@platform_option
 @output_option
 @pass_state
 def images_inspect(state: State, name: str, platform: str | None, output: str) -> None:
     """Show an image: target, manifest for the platform, config, layers with diffIDs and chainIDs."""
-    client = state.client()
+    client = state.client(create=False)
     image = client.image(name)
     resolved = client.resolve_manifest(name, platform)
     info = _image_json(client, image)
@@ -317,8 +338,8 @@ def images_rm(state: State, names: tuple[str, ...], output: str) -> None:
 def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
                  output: str) -> None:
     """Say whether each image has every blob it needs; exit 1 when one is incomplete. The layer blobs of an
-    image unpacked lazily by a remote snapshotter are remote, not missing (status ``complete (lazy)``)."""
-    client = state.client()
+    image unpacked lazily by a remote snapshotter are remote, not missing (status "complete (lazy)")."""
+    client = state.client(create=False)
     targets = list(names) or [i.name for i in client.list_images()]
     results: list[dict[str, Any]] = []
     for n in targets:
@@ -357,8 +378,8 @@ def snapshots(ctx: click.Context, snapshotter: str | None) -> None:
     ctx.meta["snapshotter"] = snapshotter
 
 
-def _sn(ctx: click.Context, state: State) -> tuple[Client, Snapshotter]:
-    client = state.client()
+def _sn(ctx: click.Context, state: State, *, create: bool = False) -> tuple[Client, Snapshotter]:
+    client = state.client(create=create)
     return client, client.snapshotter(ctx.meta.get("snapshotter"))
 
 
@@ -461,14 +482,14 @@ def content() -> None:
 @pass_state
 def content_ls(state: State, output: str) -> None:
     """List blobs with sizes and labels."""
-    client = state.client()
+    client = state.client(create=False)
     infos = sorted(client.content.walk(), key=lambda i: str(i.digest))
     if output == "json":
         emit_json([{"digest": str(i.digest), "size": i.size, "created_at": i.created_at,
                     "updated_at": i.updated_at, "labels": dict(i.labels)} for i in infos])
         return
     table(["DIGEST", "SIZE", "LABELS"],
-          [[str(i.digest), human_size(i.size), ",".join(f"{k}={v}" for k, v in sorted(i.labels.items())) or "-"]
+          [[str(i.digest), human_size(i.size), labels_cell(i.labels)]
            for i in infos])
 
 
@@ -477,7 +498,7 @@ def content_ls(state: State, output: str) -> None:
 @pass_state
 def content_get(state: State, digest: str) -> None:
     """Write a blob's bytes to stdout."""
-    client = state.client()
+    client = state.client(create=False)
     d = Digest.parse(digest)
     out = sys.stdout.buffer
     with client.content.open(d) as f:
@@ -539,32 +560,36 @@ def gc(state: State, dry_run: bool, output: str) -> None:
 images_extra.register(images)
 
 # Commands that live in their own modules (archives, push, CRI).
-for _module in (archive, inspect, push, referrers, runtime):
+for _module in (archive, inspect, login, push, referrers, runtime):
     _module.register(cli)
 
 
 def main() -> None:
+    """The ``cargohold`` entry point: run the command, turn every failure into one line and an exit status
+    (README, "Exit status"): 1 the operation failed, 2 bad input, 130 interrupted (143 on SIGTERM)."""
+    signals = install_signal_handlers(Cancel())
     try:
-        cli.main(prog_name="cargohold", standalone_mode=False)
-    except click.exceptions.Abort:
+        cli.main(prog_name="cargohold", standalone_mode=False, obj=signals)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, or an operation's CancelledError
         eprint("cargohold: interrupted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        eprint("cargohold: interrupted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        finish_interrupted(signals)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except InvalidArgumentError as exc:
-        eprint(f"cargohold: error: {exc}")
-        sys.exit(2)
-    except CargoholdError as exc:
-        eprint(f"cargohold: error: {exc}")
-        sys.exit(1)
+    except click.ClickException as exc:  # usage errors and the like: our prefix, exit 2 (click's own status)
+        eprint(f"cargohold: error: {usage_message(exc)}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort as exc:  # click's wrapping of a KeyboardInterrupt, or of a prompt's EOF
+        if isinstance(exc.__cause__, KeyboardInterrupt) or signals.received:
+            eprint("cargohold: interrupted")
+            finish_interrupted(signals)
+        eprint("cargohold: error: no input: stdin ended at a prompt (pass the value as an option)")
+        sys.exit(EXIT_USAGE)
     except BrokenPipeError:
         sys.exit(141)
+    except Exception as exc:  # noqa: BLE001 - nothing but the one line reaches the user
+        message, status = describe_error(exc)
+        eprint(f"cargohold: error: {message}")
+        sys.exit(status)
 
 
 if __name__ == "__main__":

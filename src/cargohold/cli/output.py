@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     for row in cells:
         line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
         click.echo(line)
+
+
+def labels_cell(labels: Mapping[str, str]) -> str:
+    """Labels as ``key=value`` pairs separated by commas; a value holding a comma, a space or a quote is quoted
+    (JSON string syntax), so that ``…source.host=repo1,repo2`` stays one label."""
+    if not labels:
+        return "-"
+    return ",".join(f"{k}={_label_value(v)}" for k, v in sorted(labels.items()))
+
+
+def _label_value(value: str) -> str:
+    return json.dumps(value) if any(c in value for c in ', "') else value
 
 
 def human_size(n: int) -> str:

@@ -139,8 +139,10 @@ class ProgressRenderer:
             self._progress.update(task, description=f"{short} ERROR")
 
     def _line(self, event: Event) -> None:
-        if event.action == "host" and event.status != "error":
-            return  # which registry host answered: --debug logs it
+        if event.action == "host" or event.status == "error":
+            # Which host answered is in the --debug log; a failure ends the command, which prints it once (a
+            # host that failed before another answered is in the --debug log too).
+            return
         now = self._clock()
         key = (event.action, event.item)
         if event.status == "running" and event.action in _BAR_ACTIONS and event.current:

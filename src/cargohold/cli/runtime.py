@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cargohold.cli.common import State, output_option, pass_state
+from cargohold.cli.common import State, output_option, pass_state, validate_socket_path
 from cargohold.cli.output import emit_json, eprint
 from cargohold.errors import InvalidArgumentError
 from cargohold.snapshots.base import Mount
@@ -33,7 +33,7 @@ def serve() -> None:
 
 @serve.command("cri")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Unix socket to listen on (created with mode 0660; removed on exit).")
+              callback=validate_socket_path, help="Unix socket to listen on (created with mode 0660; removed on exit).")
 @click.option("--namespace", default="k8s.io", show_default=True, help="Namespace of the images served.")
 @pass_state
 def serve_cri(state: State, socket_path: Path, namespace: str) -> None:
@@ -57,7 +57,7 @@ def serve_cri(state: State, socket_path: Path, namespace: str) -> None:
 @click.option("--snapshotter", "snapshotter", required=True, type=click.Choice(["overlayfs", "native"]),
               help="The local snapshotter to serve.")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Unix socket to listen on (created with mode 0660; removed on exit).")
+              callback=validate_socket_path, help="Unix socket to listen on (created with mode 0660; removed on exit).")
 @click.option("--store-namespace", default="containerd", show_default=True,
               help="cargohold namespace holding every snapshot containerd makes (containerd's namespaces are in "
                    "its keys). Keep it apart from namespaces with cargohold's own images: containerd's garbage "

@@ -120,10 +120,13 @@ def mount(store: Store, name: str, target: Path | str, *, on_event: EventSink, e
 
 
 def unmount(store: Store, target: Path | str) -> None:
-    """Unmount what ``mount`` mounted at ``target`` and remove its snapshot."""
+    """Unmount what ``mount`` mounted at ``target`` and remove its snapshot; NotFoundError when there is
+    neither a mount nor a snapshot of ``mount`` there."""
     dest = Path(target).resolve()
     key = _mount_key(dest)
+    mounted = bool(mounts_at_or_below(dest))
     unmount_at(dest)
+    removed = False
     for name in [*known_snapshotters(), *store.config.snapshotters]:
         try:
             sn = store.snapshotter(name)
@@ -131,6 +134,9 @@ def unmount(store: Store, target: Path | str) -> None:
         except (NotFoundError, FailedPreconditionError, UnavailableError):
             continue
         sn.remove(key)
+        removed = True
+    if not mounted and not removed:
+        raise NotFoundError(f"{dest}: not mounted (nothing 'cargohold mount' made is there)")
 
 
 def _mount_key(path: Path) -> str:

@@ -96,7 +96,10 @@ def pull(
         def fetch_one(desc: Descriptor) -> bool:
             was_fetched = fetch_blob_once(fetcher, desc, content, source, on_event)
             with record:
-                (fetched if was_fetched else present).append(desc)
+                # A layer is also asked for by the unpacker after the walk saw it: list each blob once.
+                seen = fetched if was_fetched else present
+                if desc not in seen:
+                    seen.append(desc)
             return was_fetched
 
         def fetch(desc: Descriptor) -> Sequence[Descriptor]:

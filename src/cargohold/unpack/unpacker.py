@@ -299,7 +299,8 @@ class Unpacker:
 
         def progress(compressed: int, _uncompressed: int) -> None:
             # The uncompressed size is unknown until the end: the compressed bytes read against the blob's
-            # size tell how far the layer got.
+            # size tell how far the layer got. Also where a cancelled unpack stops mid-layer (the sink raises
+            # CancelledError).
             self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
                                 current=min(compressed, layer.size), total=layer.size))
 
