@@ -52,7 +52,7 @@ def fill(fs: Path) -> None:
 def writer(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
     """A database whose write lock is held by another process (BEGIN IMMEDIATE) until the test ends."""
     path = tmp_path / "root" / "metadata.db"
-    cli(path.parent, "images", "ls")  # create it as a command would
+    cli(path.parent, "gc")  # create it as a writing command would
     proc = subprocess.Popen(
         [sys.executable, "-c",
          "import sqlite3, sys, time\n"
@@ -71,7 +71,7 @@ def writer(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
 
 def test_full_disk_leaves_a_root_every_command_can_open(small_fs: Path) -> None:
     root = small_fs / "root"
-    cli(root, "images", "ls")
+    cli(root, "gc")  # a writing command creates the root
     fill(small_fs)
     # Reading commands and the commands that free space open the database without writing.
     assert cli(root, "images", "ls", "-q").stdout == ""
