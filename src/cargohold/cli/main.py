@@ -16,7 +16,7 @@ from cargohold.cli.common import State, output_option, pass_state, unpack_json, 
 from cargohold.cli.output import emit_json, eprint, human_size, table
 from cargohold.cli.progress import ProgressRenderer
 from cargohold.client import Client, default_root
-from cargohold.config import find_config
+from cargohold.config import find_config, parse_size
 from cargohold.errors import CargoholdError, InvalidArgumentError
 from cargohold.images.entries import index_entries, summarize
 from cargohold.metadata.images import Image
@@ -24,6 +24,20 @@ from cargohold.oci.digest import Digest
 from cargohold.snapshots import available_snapshotters
 from cargohold.snapshots.base import Info as SnapshotInfo
 from cargohold.snapshots.base import Snapshotter
+
+
+class SizeType(click.ParamType):
+    """A byte count such as ``4096``, ``512MiB`` or ``2GB``."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,9 +56,14 @@ from cargohold.snapshots.base import Snapshotter
 @click.option("--lock-timeout", type=click.FloatRange(0, 86400), default=None, metavar="SECONDS",
               help="Wait at most this long for another process's write on the metadata database "
               "(default: config lock_timeout, else 30).")
+@click.option("--max-layer-size", type=SizeType(), default=None, metavar="SIZE",
+              help="Refuse layer blobs larger than SIZE (e.g. 512MiB) before fetching (default: config, else off).")
+@click.option("--max-unpacked-size", type=SizeType(), default=None, metavar="SIZE",
+              help="Stop a layer inflating past SIZE uncompressed bytes (default: config, else off).")
 @click.pass_context
 def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path | None, plain_http: bool,
-        config_path: Path | None, debug: bool, lock_timeout: float | None) -> None:
+        config_path: Path | None, debug: bool, lock_timeout: float | None, max_layer_size: int | None,
+        max_unpacked_size: int | None) -> None:
     """cargohold: pull, unpack, export and import container images, without a daemon."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -52,6 +71,10 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
     config = find_config(config_path, root)
     if lock_timeout is not None:  # the option wins over the config file
         config = dataclasses.replace(config, lock_timeout=lock_timeout)
+    if max_layer_size is not None:
+        config = dataclasses.replace(config, max_layer_size=max_layer_size)
+    if max_unpacked_size is not None:
+        config = dataclasses.replace(config, max_unpacked_size=max_unpacked_size)
     ctx.obj = State(root, namespace, hosts_dir, plain_http, config)
 
 
