@@ -87,7 +87,8 @@ class Config:
 
 
 _TOP_KEYS = {"snapshotter", "disable_snapshot_annotations", "sandbox_image", "max_concurrent_downloads",
-             "lock_timeout", "stall_timeout", "fetch_timeout", "max_layer_size", "max_unpacked_size", "registry", "runtimes", "snapshotters"}
+             "lock_timeout", "stall_timeout", "fetch_timeout", "max_layer_size", "max_unpacked_size",
+             "registry", "runtimes", "snapshotters"}
 
 
 def load_config(path: Path | str) -> Config:

@@ -43,11 +43,6 @@ class NoSpaceError(UnavailableError):
     """A write failed for lack of space (ENOSPC, EDQUOT) or on a read-only filesystem (EROFS). Names the
     operation and the path; what was partly written has been discarded or is kept to be resumed."""
 
-    def __init__(self, operation: str, path: object, reason: str) -> None:
-        self.operation = operation
-        self.path = path
-        super().__init__(f"{operation} into {path}: {reason} (free space and retry)")
-
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
@@ -59,7 +54,7 @@ def is_no_space(exc: BaseException) -> bool:
 
 def no_space(exc: OSError, operation: str, path: object) -> NoSpaceError:
     """The NoSpaceError for ``exc`` (checked with ``is_no_space``): ``operation`` into ``path``."""
-    return NoSpaceError(operation, path, os.strerror(exc.errno or errno.ENOSPC))
+    return NoSpaceError(f"{operation} into {path}: {os.strerror(exc.errno or errno.ENOSPC)} (free space and retry)")
 
 
 class LimitExceededError(FailedPreconditionError):

@@ -26,7 +26,7 @@ from cargohold.snapshots.base import Info as SnapshotInfo
 from cargohold.snapshots.base import Snapshotter
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType[int, object]):
     """A byte count such as ``4096``, ``512MiB`` or ``2GB``."""
 
     name = "size"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cargohold.errors import CargoholdError, FailedPreconditionError, UnavailableError
+from cargohold.errors import CargoholdError, FailedPreconditionError, NoSpaceError, UnavailableError
 from cargohold.metadata.schema import MIGRATIONS, SCHEMA_VERSION
 
 DEFAULT_NAMESPACE = "default"
@@ -96,7 +97,9 @@ def _translate(exc: sqlite3.Error, path: Path, operation: str) -> CargoholdError
     where = f"metadata database {path}: {operation}"
     if _is_busy(exc):
         return UnavailableError(f"{where}: the database is locked by another process")
-    if "disk is full" in lower or "disk i/o error" in lower:
+    if "disk is full" in lower:
+        return NoSpaceError(f"{where}: {text}: {os.strerror(errno.ENOSPC)} (free space on {path.parent} and retry)")
+    if "disk i/o error" in lower:
         return UnavailableError(f"{where}: {text} (free space on {path.parent} and retry)")
     if "readonly" in lower or "read-only" in lower:
         return FailedPreconditionError(f"{where}: {text}")
