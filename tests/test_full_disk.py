@@ -233,6 +233,10 @@ def test_max_unpacked_size_stops_an_inflating_layer(registry: RegistryProcess, t
     proc = cli(root, "--config", str(tmp_path / "limits.toml"), "pull", ref, check=False)
     assert proc.returncode == 1 and "max_unpacked_size" in proc.stderr, proc.stderr
     cli(root, "pull", ref)
+    # rootfs applies the same limit.
+    proc = cli(root, "--max-unpacked-size", "16MiB", "rootfs", ref, str(tmp_path / "rootfs"), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert f"max_unpacked_size ({16 * MiB} bytes)" in one_error_line(proc.stderr)
 
 
 def test_max_layer_size_refuses_before_download(registry: RegistryProcess, tmp_path: Path) -> None:
