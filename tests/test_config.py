@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cargohold.client import Client
-from cargohold.config import DEFAULT_SANDBOX_IMAGE, Config, find_config, load_config
+from cargohold.config import DEFAULT_SANDBOX_IMAGE, Config, find_config, load_config, parse_size
 from cargohold.devtools import samples
 from cargohold.errors import InvalidArgumentError
 from support.cli import cli
@@ -51,12 +51,25 @@ snapshotter = "native"
     ("[snapshotters.s]\naddress = '/x'\ntype = 'native'\n", "type must be \"proxy\""),
     ("snapshotter = 3\n", "snapshotter must be a string"),
     ("runtimes = 'x'\n", "runtimes must be a table"),
+    ("max_layer_size = 'lots'\n", "max_layer_size: 'lots' is not a size"),
+    ("max_unpacked_size = '0MiB'\n", "max_unpacked_size: '0MiB': a size must be at least 1 byte"),
+    ("max_unpacked_size = true\n", "max_unpacked_size must be a size"),
 ])
 def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(InvalidArgumentError, match=message) as info:
         load_config(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("4096", 4096), ("512MiB", 512 << 20), ("2GB", 2 * 10**9), ("1.5 GiB", 3 << 29), ("64k", 64000),
+])
+def test_layer_limits_parse_sizes(tmp_path: Path, text: str, size: int) -> None:
+    config = load_config(write(tmp_path, f"max_layer_size = '{text}'\nmax_unpacked_size = {size}\n"))
+    assert (config.max_layer_size, config.max_unpacked_size) == (size, size)
+    assert parse_size(text) == size
+    assert (Config().max_layer_size, Config().max_unpacked_size) == (None, None)  # off by default
 
 
 def test_explicit_config_must_exist(tmp_path: Path) -> None:

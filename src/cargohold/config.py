@@ -9,6 +9,8 @@
     lock_timeout = 30                      # seconds to wait for another process's write on metadata.db
     stall_timeout = 15                     # seconds without data before a download says so and reconnects
     fetch_timeout = 120                    # seconds without any progress before a download gives up
+    max_layer_size = "1GiB"                # refuse (before fetching) a layer blob larger than this; off by default
+    max_unpacked_size = "8GiB"             # stop a layer inflating past this many uncompressed bytes; off by default
 
     [registry]
     config_path = "/etc/containerd/certs.d"   # <host>/hosts.toml mirrors, as containerd
@@ -70,6 +72,8 @@ class Config:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     registry_config_path: str = ""
+    max_layer_size: int | None = None
+    max_unpacked_size: int | None = None
     runtimes: Mapping[str, RuntimeConfig] = field(default_factory=dict)
     snapshotters: Mapping[str, SnapshotterConfig] = field(default_factory=dict)
     path: Path | None = None
@@ -87,7 +91,8 @@ class Config:
 
 
 _TOP_KEYS = {"snapshotter", "disable_snapshot_annotations", "sandbox_image", "max_concurrent_downloads",
-             "lock_timeout", "stall_timeout", "fetch_timeout", "registry", "runtimes", "snapshotters"}
+             "lock_timeout", "stall_timeout", "fetch_timeout", "max_layer_size", "max_unpacked_size",
+             "registry", "runtimes", "snapshotters"}
 
 
 def load_config(path: Path | str) -> Config:
@@ -141,6 +146,8 @@ def parse_config(data: Mapping[str, Any], where: Path | None = None) -> Config:
         stall_timeout=_seconds(data, "stall_timeout", DEFAULT_STALL_TIMEOUT, 0.1, label),
         fetch_timeout=_seconds(data, "fetch_timeout", DEFAULT_FETCH_TIMEOUT, 0.1, label),
         registry_config_path=_str(registry, "config_path", f"{label}: [registry]"),
+        max_layer_size=_size(data, "max_layer_size", label),
+        max_unpacked_size=_size(data, "max_unpacked_size", label),
         runtimes=runtimes,
         snapshotters=snapshotters,
         path=where,
@@ -189,3 +196,38 @@ def _seconds(data: Mapping[str, Any], key: str, default: float, least: float, la
     if not isinstance(value, int | float) or isinstance(value, bool) or not least <= value <= 86400:
         raise InvalidArgumentError(f"{label}: {key} must be a number of seconds from {least:g} to 86400")
     return float(value)
+
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+          "T": 1000**4, "TB": 1000**4, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count written as ``512MiB``, ``1.5GB``, ``4096`` (binary and decimal units); ValueError if not."""
+    value = text.strip()
+    number = value.rstrip("BbIiKkMmGgTt ")
+    unit = value[len(number):].strip().upper()
+    if unit not in _UNITS or not number:
+        raise ValueError(f"{text!r} is not a size (e.g. 4096, 512MiB, 2GB)")
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 4096, 512MiB, 2GB)") from None
+    size = int(amount * _UNITS[unit])
+    if amount < 0 or size < 1:
+        raise ValueError(f"{text!r}: a size must be at least 1 byte")
+    return size
+
+
+def _size(data: Mapping[str, Any], key: str, label: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{label}: {key} must be a size such as \"512MiB\", not {value!r}")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"{label}: {key}: {exc}") from None

@@ -6,6 +6,9 @@ map the kinds in one table each; nothing else inspects message text.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class CargoholdError(Exception):
     """Base of every error cargohold raises on purpose."""
@@ -34,6 +37,28 @@ class NeedsParentsError(FailedPreconditionError):
 
 class UnavailableError(CargoholdError):
     """A resource is busy or unreachable; a retry may help."""
+
+
+class NoSpaceError(UnavailableError):
+    """A write failed for lack of space (ENOSPC, EDQUOT) or on a read-only filesystem (EROFS). Names the
+    operation and the path; what was partly written has been discarded or is kept to be resumed."""
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError saying the filesystem has no room (or is read-only)."""
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+
+
+def no_space(exc: OSError, operation: str, path: object) -> NoSpaceError:
+    """The NoSpaceError for ``exc`` (checked with ``is_no_space``): ``operation`` into ``path``."""
+    return NoSpaceError(f"{operation} into {path}: {os.strerror(exc.errno or errno.ENOSPC)} (free space and retry)")
+
+
+class LimitExceededError(FailedPreconditionError):
+    """A layer is larger, or inflates larger, than a limit the node set (max_layer_size, max_unpacked_size)."""
 
 
 class LockedError(UnavailableError):

@@ -25,7 +25,7 @@ from cargohold.cli.inspect import show_runtime
 from cargohold.cli.output import emit_json, eprint, human_size, labels_cell, plural, table
 from cargohold.cli.progress import QUIET_KEY, ProgressRenderer
 from cargohold.client import Client, default_root
-from cargohold.config import find_config
+from cargohold.config import find_config, parse_size
 from cargohold.events import Cancel
 from cargohold.images.entries import index_entries
 from cargohold.images.image import walk_required
@@ -35,6 +35,20 @@ from cargohold.services.inspect import config_json
 from cargohold.snapshots import available_snapshotters
 from cargohold.snapshots.base import Info as SnapshotInfo
 from cargohold.snapshots.base import Snapshotter
+
+
+class SizeType(click.ParamType[int, object]):
+    """A byte count such as ``4096``, ``512MiB`` or ``2GB``."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,9 +68,14 @@ from cargohold.snapshots.base import Snapshotter
               help="Wait at most this long for another process's write on the metadata database "
               "(default: config lock_timeout, else 30).")
 @click.option("--quiet", is_flag=True, help="No progress: print only each command's result.")
+@click.option("--max-layer-size", type=SizeType(), default=None, metavar="SIZE",
+              help="Refuse layer blobs larger than SIZE (e.g. 512MiB) before fetching (default: config, else off).")
+@click.option("--max-unpacked-size", type=SizeType(), default=None, metavar="SIZE",
+              help="Stop a layer inflating past SIZE uncompressed bytes (default: config, else off).")
 @click.pass_context
 def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path | None, plain_http: bool,
-        config_path: Path | None, debug: bool, lock_timeout: float | None, quiet: bool) -> None:
+        config_path: Path | None, debug: bool, lock_timeout: float | None, quiet: bool, max_layer_size: int | None,
+        max_unpacked_size: int | None) -> None:
     """cargohold: pull, unpack, export and import container images, without a daemon."""
     ctx.meta[QUIET_KEY] = quiet
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
@@ -65,6 +84,10 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
     config = find_config(config_path, root)
     if lock_timeout is not None:  # the option wins over the config file
         config = dataclasses.replace(config, lock_timeout=lock_timeout)
+    if max_layer_size is not None:
+        config = dataclasses.replace(config, max_layer_size=max_layer_size)
+    if max_unpacked_size is not None:
+        config = dataclasses.replace(config, max_unpacked_size=max_unpacked_size)
     # main()'s signal state: Ctrl-C and SIGTERM cancel its token and stop the clients made.
     signals = ctx.obj if isinstance(ctx.obj, Signals) else Signals(cancel=Cancel())
     ctx.obj = State(root, namespace, hosts_dir, plain_http, config, cancel=signals.cancel, stoppers=signals.stoppers)

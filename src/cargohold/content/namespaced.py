@@ -129,7 +129,7 @@ class NamespacedStore:
 
     def delete(self, digest: Digest) -> None:
         """Remove the blob from this namespace; its file goes when no namespace has it any more."""
-        with self.db.transaction():
+        with self.db.transaction(frees_space=True):
             if not self.records.remove(digest):
                 raise NotFoundError(f"content {digest}: not found in namespace {self.namespace}")
             if not referenced_anywhere(self.db, digest):

@@ -24,6 +24,8 @@ from cargohold.errors import (
     InvalidArgumentError,
     NotFoundError,
     SizeMismatchError,
+    is_no_space,
+    no_space,
 )
 from cargohold.metadata.db import from_text, to_text, utcnow
 from cargohold.oci.digest import Digest
@@ -130,6 +132,11 @@ class LocalWriter:
         self._verified: tuple[int, Digest] | None = None
         try:
             self._open(expected, total)
+        except OSError as exc:
+            self._release(remove=False)
+            if is_no_space(exc):
+                raise no_space(exc, f"starting ingest {ref}", self._dir) from exc
+            raise
         except BaseException:
             self._release(remove=False)
             raise
@@ -183,10 +190,17 @@ class LocalWriter:
         view = memoryview(data).cast("B")
         n = len(view)
         pos = self._offset
-        while view:
-            written = os.pwrite(fd, view, pos)
-            pos += written
-            view = view[written:]
+        try:
+            while view:
+                written = os.pwrite(fd, view, pos)
+                pos += written
+                view = view[written:]
+        except OSError as exc:
+            # The bytes that did land are a prefix of the blob: the ingest keeps them and a later writer of
+            # the same ref resumes from the file's size.
+            if is_no_space(exc):
+                raise no_space(exc, f"writing ingest {self._ref}", self._dir / "data") from exc
+            raise
         self._hasher.update(data)
         self._offset = pos
         self._updated_at = utcnow()
@@ -235,7 +249,12 @@ class LocalWriter:
         if actual != expected:
             self._release(remove=True)
             raise DigestMismatchError(expected, actual, what=f"ingest ref {self._ref}: content")
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise no_space(exc, f"syncing ingest {self._ref}", self._dir / "data") from exc
+            raise
         self._verified = (size, expected)
 
     def commit(self, size: int, expected: Digest, labels: Mapping[str, str] | None = None) -> Digest:
@@ -253,6 +272,11 @@ class LocalWriter:
                 # A concurrent commit of the same digest may rename over us; the bytes are the same.
                 os.rename(self._dir / "data", target)
                 fsync_dir(target.parent)
+        except OSError as exc:
+            self._release(remove=False)
+            if is_no_space(exc):
+                raise no_space(exc, f"committing blob {expected}", target) from exc
+            raise
         except BaseException:
             self._release(remove=False)
             raise

@@ -24,7 +24,7 @@ from typing import Any
 from cargohold.diff.compression import Compression, Readable, decompress_stream
 from cargohold.diff.extract import Extractor
 from cargohold.diff.tarstream import TarReader
-from cargohold.errors import DigestMismatchError, NotFoundError
+from cargohold.errors import DigestMismatchError, LimitExceededError, NotFoundError, is_no_space, no_space
 from cargohold.oci.digest import Digest
 
 # (compressed bytes read so far, uncompressed bytes produced so far)
@@ -49,18 +49,24 @@ class ApplyResult:
 class _Hashing:
     """Passes ``read`` through, hashing and counting the bytes."""
 
-    __slots__ = ("_src", "hash", "size")
+    __slots__ = ("_src", "hash", "size", "_limit", "_what")
 
-    def __init__(self, src: Readable, algorithm: str) -> None:
+    def __init__(self, src: Readable, algorithm: str, *, limit: int | None = None, what: str = "") -> None:
         self._src = src
         self.hash: Any = hashlib.new(algorithm)
         self.size = 0
+        self._limit = limit
+        self._what = what
 
     def read(self, size: int = -1, /) -> bytes:
         data = self._src.read(size)
         if data:
             self.hash.update(data)
             self.size += len(data)
+            # Checked as the bytes are produced, so an inflating layer stops at the limit, not at its end.
+            if self._limit is not None and self.size > self._limit:
+                raise LimitExceededError(
+                    f"{self._what}: inflates past max_unpacked_size ({self._limit} bytes); stopped")
         return data
 
     def drain(self) -> None:
@@ -155,6 +161,7 @@ def apply_layer(
     on_progress: ProgressFn | None = None,
     write_threads: int | None = None,
     isolated: bool = False,
+    max_unpacked_size: int | None = None,
 ) -> ApplyResult:
     """Decompress ``compressed`` (a blob stream, read to its end) and apply its tar under ``root``.
 
@@ -174,13 +181,18 @@ def apply_layer(
     ``isolated``: the layer is applied alone, its parents absent (parallel unpack into an empty upper dir).
     Rather than guess what the parents hold, an entry under a directory the layer does not create, or a
     hardlink to a file it does not hold, raises NeedsParentsError; the caller then applies it onto its parents.
+    ``max_unpacked_size``: the uncompressed bytes the layer may produce; past it LimitExceededError (naming
+    the layer and the limit) stops the apply. A full disk (ENOSPC, EDQUOT, EROFS) raises NoSpaceError naming
+    the layer and ``root``.
     """
     root_s = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root_s):
         raise NotFoundError(f"apply target {root_s}: not a directory")
     raw = _Hashing(compressed, expected_digest.algorithm if expected_digest else "sha256")
     stream = decompress_stream(raw)
-    plain = _Hashing(stream, expected_diff_id.algorithm if expected_diff_id else "sha256")
+    what = f"layer {expected_digest}" if expected_digest is not None else "layer"
+    plain = _Hashing(stream, expected_diff_id.algorithm if expected_diff_id else "sha256",
+                     limit=max_unpacked_size, what=what)
     progress = None if on_progress is None else (lambda: on_progress(raw.size, plain.size))
     extractor = Extractor(root_s, overlay=overlay, write_threads=write_threads, isolated=isolated)
     source = _Prefetch(plain, progress)
@@ -190,10 +202,16 @@ def apply_layer(
             try:
                 extractor.apply(entry, tar)
             except OSError as exc:
+                if is_no_space(exc):
+                    raise no_space(exc, f"writing {what}", root_s) from exc
                 exc.add_note(f"while applying tar entry {entry.name!r} under {root_s}")
                 raise
         extractor.finish()
         source.drain()  # bytes after the end-of-archive marker are part of the diffID
+    except OSError as exc:  # the writer threads' errors surface from finish()
+        if is_no_space(exc):
+            raise no_space(exc, f"writing {what}", root_s) from exc
+        raise
     finally:
         extractor.close()
         source.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -14,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cargohold.errors import CargoholdError, FailedPreconditionError, UnavailableError
+from cargohold.errors import CargoholdError, FailedPreconditionError, NoSpaceError, UnavailableError
 from cargohold.metadata.schema import MIGRATIONS, SCHEMA_VERSION
 
 DEFAULT_NAMESPACE = "default"
@@ -45,6 +47,10 @@ def load_labels(text: str) -> dict[str, str]:
 DEFAULT_LOCK_TIMEOUT = 30.0
 #: Seconds of waiting before the user is told why nothing happens.
 LOCK_NOTICE_AFTER = 3.0
+# Space set aside next to the database (``metadata.db-reserve``) for the writes that free space: an
+# ``images rm`` or ``gc`` on a disk with no byte left still needs a few WAL pages. Released when a write
+# transaction that frees space starts with less than this free; made again after a write when there is room.
+RESERVE_SIZE = 1 << 20
 # In WAL mode SQLite's writer lock is one byte of the -shm file: WALINDEX_LOCK_OFFSET (120) + WAL_WRITE_LOCK (0).
 _WAL_WRITE_LOCK_BYTE = 120
 
@@ -96,7 +102,9 @@ def _translate(exc: sqlite3.Error, path: Path, operation: str) -> CargoholdError
     where = f"metadata database {path}: {operation}"
     if _is_busy(exc):
         return UnavailableError(f"{where}: the database is locked by another process")
-    if "disk is full" in lower or "disk i/o error" in lower:
+    if "disk is full" in lower:
+        return NoSpaceError(f"{where}: {text}: {os.strerror(errno.ENOSPC)} (free space on {path.parent} and retry)")
+    if "disk i/o error" in lower:
         return UnavailableError(f"{where}: {text} (free space on {path.parent} and retry)")
     if "readonly" in lower or "read-only" in lower:
         return FailedPreconditionError(f"{where}: {text}")
@@ -282,8 +290,12 @@ class MetadataDB:
             conn.execute(f"PRAGMA busy_timeout={int(self.lock_timeout * 1000)}")
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; nested calls join the outer one. sqlite3 errors become cargohold errors."""
+    def transaction(self, *, frees_space: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction; nested calls join the outer one. sqlite3 errors become cargohold errors.
+
+        ``frees_space``: the transaction removes things (images rm, content rm, snapshots rm, gc, a lease's
+        end); on a full disk it may use the space reserved for that (``RESERVE_SIZE``).
+        """
         conn = self.conn
         depth = getattr(self._local, "depth", 0)
         if depth:
@@ -293,6 +305,8 @@ class MetadataDB:
             finally:
                 self._local.depth = depth
             return
+        if frees_space:
+            self._release_reserve_if_short()
         with self.errors("write"):
             self._begin_immediate(conn, "write")
             self._local.depth = 1
@@ -309,6 +323,53 @@ class MetadataDB:
                     raise
             finally:
                 self._local.depth = 0
+        self._keep_reserve()
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-reserve")
+
+    def _free(self) -> int | None:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def _release_reserve_if_short(self) -> None:
+        free = self._free()
+        if free is None or free >= RESERVE_SIZE:
+            return
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError:
+            log.debug("could not release %s", self.reserve_path, exc_info=True)
+            return
+        log.warning("metadata database %s: the disk is full; released the %d bytes reserved for this write",
+                    self.path, RESERVE_SIZE)
+
+    def _keep_reserve(self) -> None:
+        """Set the reserve aside again after a write, when the disk has room for it twice over."""
+        reserve = self.reserve_path
+        if reserve.exists():
+            return
+        free = self._free()
+        if free is None or free < 2 * RESERVE_SIZE:
+            return
+        tmp = reserve.with_name(f"{reserve.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_SIZE)  # real blocks, not a sparse promise
+            finally:
+                os.close(fd)
+            os.rename(tmp, reserve)
+        except OSError:
+            log.debug("could not set aside %s", reserve, exc_info=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def query(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[sqlite3.Row]:
         with self.errors("read"):

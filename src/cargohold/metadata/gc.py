@@ -223,7 +223,7 @@ def sweep_rows(db: MetadataDB, *, dry_run: bool = False) -> RowSweep:
     """Phase 1: mark from the roots and delete every unreachable content row, snapshot row and dead lease,
     in one write transaction that touches no file. With ``dry_run`` only report them."""
     graph = _Graph()
-    with db.transaction() as conn:
+    with db.transaction(frees_space=not dry_run) as conn:
         dead_leases = _load(db, graph)
         graph.mark()
         dead_rows = sorted(node for node in graph.content if node not in graph.marked_content)

@@ -173,7 +173,7 @@ class ImageStore:
 
     def delete(self, name: str) -> None:
         """Remove the record (its content stays until garbage collection)."""
-        with self.db.transaction() as conn:
+        with self.db.transaction(frees_space=True) as conn:
             cur = conn.execute("DELETE FROM images WHERE namespace = ? AND name = ?", (self.namespace, name))
             if cur.rowcount == 0:
                 raise self._not_found(name)

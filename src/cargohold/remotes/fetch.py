@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from cargohold.content.store import Ingester
-from cargohold.errors import AlreadyExistsError, SizeMismatchError, UnavailableError
+from cargohold.errors import AlreadyExistsError, NoSpaceError, SizeMismatchError, UnavailableError
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
 from cargohold.remotes.http import DEFAULT_FETCH_TIMEOUT
@@ -108,6 +108,8 @@ def fetch_blob(
                             progress(min(writer.offset, desc.size), desc.size)
                         if writer.offset > desc.size:
                             break  # more bytes than announced: commit below reports the size mismatch
+            except NoSpaceError:
+                raise  # our disk, not the connection: reopening would not help (the partial data is kept)
             except UnavailableError as exc:
                 # The connection dropped or stalled mid-body: reopen at the offset reached. Cuts are bounded
                 # by count, stalls by the time without a byte.

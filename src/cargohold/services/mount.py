@@ -14,7 +14,13 @@ from pathlib import Path
 
 from cargohold.diff.apply import apply_layer
 from cargohold.diff.removal import remove_tree
-from cargohold.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
+from cargohold.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LimitExceededError,
+    NotFoundError,
+    UnavailableError,
+)
 from cargohold.events import Event, EventSink
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.labels import LABEL_GC_ROOT, MOUNT_LABEL
@@ -42,13 +48,19 @@ def rootfs(store: Store, name: str, target: Path | str, *, on_event: EventSink,
         raise FailedPreconditionError(
             f"image {name}: missing blobs: {', '.join(str(layer.digest) for layer in missing)}"
         )
+    limit = store.config.max_layer_size
+    for layer in resolved.manifest.layers:
+        if limit is not None and layer.size > limit:
+            raise LimitExceededError(
+                f"layer {layer.digest}: {layer.size} bytes is more than max_layer_size ({limit} bytes)")
     dest.mkdir(parents=True, exist_ok=True)
     for layer, diff_id in zip(resolved.manifest.layers, resolved.diff_ids, strict=True):
         on_event(Event(action="apply", status="running", item=str(layer.digest), media_type=layer.media_type,
                        total=layer.size))
         with store.content.open(layer.digest) as stream:
             apply_layer(dest, stream, expected_digest=layer.digest, expected_diff_id=diff_id,
-                        on_progress=_apply_progress(on_event, layer))
+                        on_progress=_apply_progress(on_event, layer),
+                        max_unpacked_size=store.config.max_unpacked_size)
         on_event(Event(action="apply", status="done", item=str(layer.digest), media_type=layer.media_type,
                        current=layer.size, total=layer.size))
     return dest

@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from cargohold.content.namespaced import NamespacedStore
-from cargohold.errors import UnsupportedMediaTypeError
+from cargohold.errors import LimitExceededError, UnsupportedMediaTypeError
 from cargohold.events import Event, EventSink
 from cargohold.images.handlers import (
     Handler,
@@ -94,6 +94,11 @@ def pull(
         source = source_label(reference)
 
         def fetch_one(desc: Descriptor) -> bool:
+            limit = store.config.max_layer_size
+            if limit is not None and desc.size > limit and mt.is_layer(desc.media_type):
+                raise LimitExceededError(
+                    f"layer {desc.digest}: {desc.size} bytes is more than max_layer_size ({limit} bytes); "
+                    "not fetched")
             was_fetched = fetch_blob_once(fetcher, desc, content, source, on_event)
             with record:
                 # A layer is also asked for by the unpacker after the walk saw it: list each blob once.

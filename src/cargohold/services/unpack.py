@@ -31,7 +31,8 @@ def new_unpacker(store: Store, snapshotter: str | None, fetch: FetchFn | None, c
     relies on is added to that lease before use."""
     unpacker = Unpacker(content=content, snapshotter=store.snapshotter(snapshotter),
                         locks_dir=store.root / "unpack" / "locks", fetch=fetch, on_event=on_event,
-                        executor=executor)
+                        executor=executor, max_layer_size=store.config.max_layer_size,
+                        max_unpacked_size=store.config.max_unpacked_size)
     if lease is not None:
         kind = snapshot_kind(unpacker.snapshotter.name)
         unpacker.hold = lambda key: store.leases.add_resource(lease, kind, key)

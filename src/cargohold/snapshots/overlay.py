@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from cargohold.errors import CargoholdError, InvalidArgumentError
+from cargohold.errors import CargoholdError, InvalidArgumentError, is_no_space
 from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
 from cargohold.snapshots.base import Kind, Mount
 from cargohold.snapshots.dirs import Scratch
@@ -68,7 +68,15 @@ def overlay_supported(root: Path | str) -> bool:
     key = str(path.resolve())
     with _support_lock:
         if key not in _support:
-            _support[key] = _probe(path)
+            try:
+                _support[key] = _probe(path)
+            except OSError as exc:
+                if not is_no_space(exc):
+                    raise
+                # A full (or read-only) disk leaves no room for the probe's directories. A root that holds
+                # overlayfs snapshots was probed when they were made: keep its default, so the commands that
+                # free space (snapshots rm, gc) still find them.
+                return (path / "snapshots" / OverlaySnapshotter.name).is_dir()
         return _support[key]
 
 

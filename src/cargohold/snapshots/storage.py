@@ -305,7 +305,7 @@ class SnapshotStore:
         trash: Scratch | None = None
         src = moved = None
         try:
-            with self.db.transaction() as conn:
+            with self.db.transaction(frees_space=True) as conn:
                 rec = self.get(key, conn)
                 child = conn.execute(
                     "SELECT key FROM snapshots WHERE snapshotter = ? AND namespace = ? AND parent = ? "

@@ -40,8 +40,11 @@ from cargohold.errors import (
     AlreadyExistsError,
     CargoholdError,
     FailedPreconditionError,
+    LimitExceededError,
     NeedsParentsError,
     NotFoundError,
+    is_no_space,
+    no_space,
 )
 from cargohold.events import Event, EventSink, discard
 from cargohold.images.image import ResolvedManifest
@@ -118,8 +121,14 @@ class Unpacker:
         on_event: EventSink | None = None,
         hold: Callable[[str], None] | None = None,
         executor: Executor | None = None,
+        max_layer_size: int | None = None,
+        max_unpacked_size: int | None = None,
     ) -> None:
         self.content = content
+        # Node limits (None: none): a layer blob larger than max_layer_size is refused before it is fetched;
+        # one inflating past max_unpacked_size is stopped mid-apply and its snapshot discarded.
+        self.max_layer_size = max_layer_size
+        self.max_unpacked_size = max_unpacked_size
         # The owner's pool for layer tasks; without one each unpack makes (and shuts down) its own.
         self.executor = executor
         # Called with each snapshot name this unpack relies on (e.g. to add it to a GC lease) before use.
@@ -157,6 +166,12 @@ class Unpacker:
                 outcomes[i] = self._layer(resolved, i, chains, committed, failed,
                                           dict(layer_labels(i)) if layer_labels else {})
                 committed[i].set()
+            except OSError as exc:
+                failed.set()
+                if is_no_space(exc):  # prepare, apply or commit: the snapshot was discarded on the way out
+                    where = exc.filename or f"snapshotter {self.snapshotter.name}"
+                    raise no_space(exc, f"unpacking layer {layers[i].digest}", where) from exc
+                raise
             except BaseException:
                 failed.set()
                 raise
@@ -190,6 +205,10 @@ class Unpacker:
         item = str(layer.digest)
         if self.hold is not None:
             self.hold(str(chain))
+        if self.max_layer_size is not None and layer.size > self.max_layer_size:
+            raise LimitExceededError(
+                f"layer {layer.digest}: {layer.size} bytes is more than max_layer_size ({self.max_layer_size} "
+                "bytes); not fetched")
         if self._snapshot_exists(str(chain)):
             fetched = self._ensure_content(layer)
             self.on_event(Event(action="apply", status="exists", item=item, media_type=layer.media_type,
@@ -306,7 +325,7 @@ class Unpacker:
 
         with self.content.open(layer.digest) as stream:
             apply_layer(root, stream, expected_digest=layer.digest, expected_diff_id=diff_id, overlay=overlay,
-                        isolated=isolated, on_progress=progress)
+                        isolated=isolated, on_progress=progress, max_unpacked_size=self.max_unpacked_size)
         self.content.update(layer.digest, {UNCOMPRESSED: str(diff_id)})
         self.on_event(Event(action="apply", status="done", item=item, media_type=layer.media_type,
                             current=layer.size, total=layer.size))
@@ -338,6 +357,11 @@ class Unpacker:
             self._discard(key)
             if parent and not self._snapshot_exists(parent):
                 raise _ParentVanished(exc) from exc
+            raise
+        except OSError as exc:
+            self._discard(key)
+            if is_no_space(exc):
+                raise no_space(exc, f"committing snapshot {name}", self.snapshotter.name) from exc
             raise
         except BaseException:
             self._discard(key)
