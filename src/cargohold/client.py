@@ -25,14 +25,16 @@ from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
 from cargohold.metadata.gc import GCResult
 from cargohold.metadata.images import Image, ImageStore
 from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.digest import Digest
 from cargohold.oci.platform import Platform
 from cargohold.remotes.credentials import CredentialStore
 from cargohold.remotes.pullauth import PullAuth, pull_resolver
 from cargohold.remotes.push import DEFAULT_CHUNK_THRESHOLD, DEFAULT_CONCURRENCY
 from cargohold.remotes.resolver import Resolver
-from cargohold.services import archive, copy, gc, images, mount, pull, push, referrers, runtime, unpack
+from cargohold.services import archive, copy, gc, images, maintenance, mount, pull, push, referrers, runtime, unpack
 from cargohold.services.archive import ImportResult
 from cargohold.services.copy import CopyResult
+from cargohold.services.maintenance import ActiveIngest, LeaseInfo, Repair, VerifyResult
 from cargohold.services.pull import PullResult
 from cargohold.services.push import PushResult
 from cargohold.services.runtime import RuntimeImage
@@ -227,6 +229,33 @@ class Client:
     def gc(self, *, dry_run: bool = False) -> tuple[GCResult, list[tuple[str, str, str]]]:
         """See ``services.gc.gc``."""
         return gc.gc(self.store, dry_run=dry_run)
+
+    # -- maintenance: ingests, leases, verify, repair -------------------------------------------------------
+
+    def active_ingests(self) -> list[ActiveIngest]:
+        """See ``services.maintenance.active_ingests``."""
+        return maintenance.active_ingests(self.store)
+
+    def abort_ingest(self, ref: str) -> None:
+        """See ``services.maintenance.abort_ingest``."""
+        maintenance.abort_ingest(self.store, ref)
+
+    def leases(self) -> list[LeaseInfo]:
+        """See ``services.maintenance.list_leases``."""
+        return maintenance.list_leases(self.store)
+
+    def remove_leases(self, ids: Sequence[str]) -> None:
+        """See ``services.maintenance.remove_leases``."""
+        maintenance.remove_leases(self.store, ids)
+
+    def verify(self, digests: Sequence[Digest] = ()) -> VerifyResult:
+        """See ``services.maintenance.verify``."""
+        return maintenance.verify(self.store, digests, workers=self.max_concurrent_downloads,
+                                  on_event=self.on_event)
+
+    def repair(self, name: str) -> Repair:
+        """See ``services.maintenance.repair``."""
+        return maintenance.repair(self.store, name, self._get_resolver, on_event=self.on_event)
 
     # -- archives, push, copy, referrers -----------------------------------------------------------------
 

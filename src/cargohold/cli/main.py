@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from cargohold import __version__
-from cargohold.cli import archive, push, referrers, runtime
+from cargohold.cli import archive, maintenance, push, referrers, runtime
 from cargohold.cli.common import State, output_option, pass_state, unpack_json, with_platforms
 from cargohold.cli.output import emit_json, eprint, human_size, table
 from cargohold.cli.progress import ProgressRenderer
@@ -303,15 +303,24 @@ def images_rm(state: State, names: tuple[str, ...], output: str) -> None:
 @images.command("check")
 @click.argument("names", nargs=-1)
 @with_platforms
+@click.option("--repair", is_flag=True,
+              help="First fetch every missing (or quarantined) blob from the image's registry or the "
+                   "repositories its blobs came from.")
 @output_option
 @pass_state
 def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
-                 output: str) -> None:
+                 repair: bool, output: str) -> None:
     """Say whether each image has every blob it needs; exit 1 when one is incomplete."""
     client = state.client()
     targets = list(names) or [i.name for i in client.list_images()]
     results: list[dict[str, Any]] = []
     for n in targets:
+        if repair:
+            fixed = client.repair(n)
+            for d in fixed.fetched:
+                eprint(f"{fixed.name}: repaired {d}")
+            for d, why in fixed.failed:
+                eprint(f"{fixed.name}: cannot repair {d}: {why}")
         res = client.check(n, platforms=platforms, all_platforms=all_platforms)
         plat = platforms[0] if platforms else None
         results.append({
@@ -524,7 +533,7 @@ def gc(state: State, dry_run: bool, output: str) -> None:
 
 
 # Commands that live in their own modules (archives, push, CRI).
-for _module in (archive, push, referrers, runtime):
+for _module in (archive, maintenance, push, referrers, runtime):
     _module.register(cli)
 
 
