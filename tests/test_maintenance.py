@@ -154,3 +154,49 @@ def test_repair_fetches_a_quarantined_blob_from_its_recorded_source_when_the_ima
     repaired = cli(root, "images", "check", "--repair", DOWN, "--output", "json")
     assert json.loads(repaired.stdout)[0]["status"] == "complete"
     assert blob.read_bytes() == layer.data
+
+
+KILLED_PULL = textwrap.dedent("""
+    import sys, time
+    import cargohold.unpack.unpacker as unpacker
+    from cargohold.client import Client
+
+    real = unpacker.apply_layer
+
+    def slow(*args, **kwargs):
+        print("applying", flush=True)  # the parent kills us now, mid-unpack
+        time.sleep(60)
+        return real(*args, **kwargs)
+
+    unpacker.apply_layer = slow
+    Client(sys.argv[1]).pull(sys.argv[2])
+""")
+
+
+def test_the_next_pull_removes_the_lease_and_extract_snapshot_of_a_pull_killed_mid_unpack(
+        registry, tmp_path: Path) -> None:
+    samples.push(registry.url, "maint/killed", "v1", IMAGE)
+    ref = f"{registry.host}/maint/killed:v1"
+    root = tmp_path / "root"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PULL, str(root), ref], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "applying", proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with closing(Client(root)) as client:
+        left = [i.key for i in client.snapshotter().walk() if i.key.startswith("extract-")]
+        assert left and client.store.leases.list()
+        sn = client.default_snapshotter
+    snapshots = root / "snapshots" / sn / "snapshots"
+    assert len(list(snapshots.iterdir())) >= len(left)  # the killed unpack's directories
+
+    cli(root, "pull", ref)  # no gc: the pull itself cleans up after the dead one
+
+    assert json.loads(cli(root, "leases", "ls", "--output", "json").stdout) == []
+    listed = json.loads(cli(root, "snapshots", "ls", "--output", "json").stdout)
+    assert not [s for s in listed if s["key"].startswith("extract-")]
+    assert len(listed) == len(IMAGE.layers)
+    assert len(list(snapshots.iterdir())) == len(IMAGE.layers)  # the killed unpack's directory is gone

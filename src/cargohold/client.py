@@ -164,12 +164,17 @@ class Client:
             resolver.close()
         self.store.close()
 
+    def reap(self) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+        """Clean up what dead processes left (run first by pull, import and unpack); see ``services.gc.reap``."""
+        return gc.reap(self.store)
+
     # -- pull, unpack, mount -----------------------------------------------------------------------------
 
     def pull(self, ref: str, *, platforms: Sequence[Platform | str] = (), all_platforms: bool = False,
              unpack: bool = True, snapshotter: str | None = None, layer_labels: bool = False,
              resolver: Resolver | None = None) -> PullResult:
         """See ``services.pull.pull``; ``resolver`` replaces the client's for this pull."""
+        self.reap()
         return pull.pull(self.store, ref, resolver=resolver or self.resolver, on_event=self.on_event,
                          executor=self._walk, unpack_executor=self._unpack, platforms=platforms,
                          all_platforms=all_platforms, unpack=unpack, snapshotter=snapshotter,
@@ -178,6 +183,7 @@ class Client:
     def unpack(self, name: str, *, snapshotter: str | None = None, platform: Platform | str | None = None,
                layer_labels: bool = False, fetch_missing: bool = True) -> UnpackResult:
         """See ``services.unpack.unpack``."""
+        self.reap()
         return unpack.unpack(self.store, name, on_event=self.on_event, executor=self._unpack,
                              resolver=self._get_resolver, snapshotter=snapshotter, platform=platform,
                              layer_labels=layer_labels, fetch_missing=fetch_missing)
@@ -270,6 +276,7 @@ class Client:
                        index_name: str | None = None, base_name: str | None = None, digests: bool = False
                        ) -> ImportResult:
         """See ``services.archive.import_archive``."""
+        self.reap()
         return archive.import_archive(self.store, source, on_event=self.on_event, executor=self._unpack,
                                       platforms=platforms, all_platforms=all_platforms, unpack=unpack,
                                       snapshotter=snapshotter, index_name=index_name, base_name=base_name,
