@@ -28,6 +28,7 @@ import pytest
 
 from cargohold.client import Client
 from cargohold.devtools import samples
+from cargohold.devtools.registry import RegistryProcess
 from support.cli import cargohold_cmd, cli
 
 POINTS = int(os.environ.get("CARGOHOLD_CRASH_POINTS", "5"))
@@ -143,7 +144,7 @@ def _kill_points(scenario: Scenario, template: Path, work: Path, count: int,
 
 
 @pytest.fixture
-def scenarios(registry, tmp_path: Path) -> dict[str, Scenario]:
+def scenarios(registry: RegistryProcess, tmp_path: Path) -> dict[str, Scenario]:
     samples.push(registry.url, "crash/app", "v1", IMAGE)
     ref = f"{registry.host}/crash/app:v1"
     archive = tmp_path / "app.tar"

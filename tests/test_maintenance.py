@@ -16,6 +16,7 @@ from pathlib import Path
 from cargohold.client import Client
 from cargohold.content.local import LocalStore
 from cargohold.devtools import samples
+from cargohold.devtools.registry import RegistryProcess
 from support.cli import cli
 
 IMAGE = samples.build_image([
@@ -88,7 +89,8 @@ def test_a_killed_download_is_listed_by_content_active_and_its_lease_by_leases_l
     assert json.loads(cli(root, "leases", "ls", "--output", "json").stdout) == []
 
 
-def test_verify_quarantines_a_corrupt_blob_and_check_repair_fetches_it_back(registry, tmp_path: Path) -> None:
+def test_verify_quarantines_a_corrupt_blob_and_check_repair_fetches_it_back(registry: RegistryProcess,
+                                                                           tmp_path: Path) -> None:
     samples.push(registry.url, "maint/app", "v1", IMAGE)
     ref = f"{registry.host}/maint/app:v1"
     root = tmp_path / "root"
@@ -141,7 +143,7 @@ DOWN = "127.0.0.1:9/gone/app:v1"
 
 
 def test_repair_fetches_a_quarantined_blob_from_its_recorded_source_when_the_image_registry_is_down(
-        registry, tmp_path: Path) -> None:
+        registry: RegistryProcess, tmp_path: Path) -> None:
     samples.push(registry.url, "maint/src", "v1", IMAGE)
     root = tmp_path / "root"
     cli(root, "pull", f"{registry.host}/maint/src:v1")
@@ -174,7 +176,7 @@ KILLED_PULL = textwrap.dedent("""
 
 
 def test_the_next_pull_removes_the_lease_and_extract_snapshot_of_a_pull_killed_mid_unpack(
-        registry, tmp_path: Path) -> None:
+        registry: RegistryProcess, tmp_path: Path) -> None:
     samples.push(registry.url, "maint/killed", "v1", IMAGE)
     ref = f"{registry.host}/maint/killed:v1"
     root = tmp_path / "root"
