@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,3 +203,43 @@ def test_the_next_pull_removes_the_lease_and_extract_snapshot_of_a_pull_killed_m
     assert not [s for s in listed if s["key"].startswith("extract-")]
     assert len(listed) == len(IMAGE.layers)
     assert len(list(snapshots.iterdir())) == len(IMAGE.layers)  # the killed unpack's directory is gone
+
+
+def test_check_finds_snapshot_directories_damaged_or_removed_and_repair_unpacks_again(
+        registry: RegistryProcess, tmp_path: Path) -> None:
+    samples.push(registry.url, "maint/snap", "v1", IMAGE)
+    ref = f"{registry.host}/maint/snap:v1"
+    root = tmp_path / "root"
+    cli(root, "pull", ref)
+    cli(root, "images", "check", ref)
+    listed = json.loads(cli(root, "snapshots", "ls", "--output", "json").stdout)
+    assert len(listed) == 2
+    with closing(Client(root)) as client:
+        sn = client.default_snapshotter
+        ids = {r["key"]: r["id"] for r in client.db.query("SELECT key, id, parent FROM snapshots")}
+        parents = {r["key"]: r["parent"] for r in client.db.query("SELECT key, parent FROM snapshots")}
+    base = next(k for k, p in parents.items() if not p)
+    top = next(k for k, p in parents.items() if p)
+    base_fs = root / "snapshots" / sn / "snapshots" / str(ids[base]) / "fs"
+    shutil.rmtree(base_fs / "etc")  # damaged from under us: a top-level entry gone
+
+    damaged = cli(root, "images", "check", ref, check=False)
+    assert damaged.returncode == 1
+    assert f"snapshot {base} ({sn}) damaged" in damaged.stderr and "missing ['etc']" in damaged.stderr
+
+    repaired = cli(root, "images", "check", "--repair", ref)
+    assert f"snapshot {base} ({sn}) damaged, removed" in repaired.stderr
+    assert f"{ref}: unpacked again into {sn}" in repaired.stderr
+    cli(root, "images", "check", ref)
+    with closing(Client(root)) as client:
+        rows = {r["key"]: r["id"] for r in client.db.query("SELECT key, id FROM snapshots")}
+    assert set(rows) == {base, top}
+    assert (root / "snapshots" / sn / "snapshots" / str(rows[base]) / "fs" / "etc" / "base.txt").read_bytes() \
+        == b"maintenance base\n"
+
+    # A whole snapshot directory removed: the same.
+    shutil.rmtree(root / "snapshots" / sn / "snapshots" / str(rows[top]))
+    gone = cli(root, "images", "check", ref, check=False)
+    assert gone.returncode == 1 and "is missing" in gone.stderr
+    cli(root, "images", "check", "--repair", ref)
+    cli(root, "images", "check", ref)

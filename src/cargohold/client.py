@@ -34,7 +34,7 @@ from cargohold.remotes.resolver import Resolver
 from cargohold.services import archive, copy, gc, images, maintenance, mount, pull, push, referrers, runtime, unpack
 from cargohold.services.archive import ImportResult
 from cargohold.services.copy import CopyResult
-from cargohold.services.maintenance import ActiveIngest, LeaseInfo, Repair, VerifyResult
+from cargohold.services.maintenance import ActiveIngest, DamagedSnapshot, LeaseInfo, Repair, VerifyResult
 from cargohold.services.pull import PullResult
 from cargohold.services.push import PushResult
 from cargohold.services.runtime import RuntimeImage
@@ -262,6 +262,26 @@ class Client:
     def repair(self, name: str) -> Repair:
         """See ``services.maintenance.repair``."""
         return maintenance.repair(self.store, name, self._get_resolver, on_event=self.on_event)
+
+    def damaged_snapshots(self) -> list[DamagedSnapshot]:
+        """See ``services.maintenance.damaged_snapshots``."""
+        return maintenance.damaged_snapshots(self.store)
+
+    def repair_snapshots(self, names: Sequence[str]) -> tuple[list[DamagedSnapshot], list[tuple[str, str]]]:
+        """Remove the damaged snapshots (and those built on them), then unpack again each of ``names`` into
+        every local snapshotter it was unpacked in. Returns (damaged, (image, snapshotter) unpacked again)."""
+        damaged = self.damaged_snapshots()
+        if not damaged:
+            return [], []
+        hit = sorted({d.snapshotter for d in damaged})
+        before = [(n, sn) for n in names for sn in hit if self.unpacked(n, sn)]
+        maintenance.remove_damaged(self.store, damaged)
+        again: list[tuple[str, str]] = []
+        for n, sn in before:
+            if not self.unpacked(n, sn):
+                self.unpack(n, snapshotter=sn)
+                again.append((n, sn))
+        return damaged, again
 
     # -- archives, push, copy, referrers -----------------------------------------------------------------
 

@@ -305,22 +305,33 @@ def images_rm(state: State, names: tuple[str, ...], output: str) -> None:
 @with_platforms
 @click.option("--repair", is_flag=True,
               help="First fetch every missing (or quarantined) blob from the image's registry or the "
-                   "repositories its blobs came from.")
+                   "repositories its blobs came from, and unpack again what sits on a snapshot whose directory "
+                   "was damaged or removed.")
 @output_option
 @pass_state
 def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
                  repair: bool, output: str) -> None:
-    """Say whether each image has every blob it needs; exit 1 when one is incomplete."""
+    """Say whether each image has every blob it needs and whether a snapshot directory was damaged or removed
+    from under us; exit 1 when one is incomplete or damaged."""
     client = state.client()
     targets = list(names) or [i.name for i in client.list_images()]
     results: list[dict[str, Any]] = []
+    for n in targets if repair else ():
+        fixed = client.repair(n)
+        for d in fixed.fetched:
+            eprint(f"{fixed.name}: repaired {d}")
+        for d, why in fixed.failed:
+            eprint(f"{fixed.name}: cannot repair {d}: {why}")
+    if repair:
+        damaged, again = client.repair_snapshots(targets)
+        for snap in damaged:
+            eprint(f"snapshot {snap.key} ({snap.snapshotter}) damaged, removed: {snap.reason}")
+        for n, sn in again:
+            eprint(f"{n}: unpacked again into {sn}")
+    still_damaged = client.damaged_snapshots()
+    for snap in still_damaged:
+        eprint(f"snapshot {snap.key} ({snap.snapshotter}) damaged: {snap.reason} (images check --repair)")
     for n in targets:
-        if repair:
-            fixed = client.repair(n)
-            for d in fixed.fetched:
-                eprint(f"{fixed.name}: repaired {d}")
-            for d, why in fixed.failed:
-                eprint(f"{fixed.name}: cannot repair {d}: {why}")
         res = client.check(n, platforms=platforms, all_platforms=all_platforms)
         plat = platforms[0] if platforms else None
         results.append({
@@ -338,7 +349,7 @@ def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...
               [[r["name"], r["status"], f"{r['required'] - len(r['missing'])}/{r['required']}",
                 ",".join(r["missing"]) or "-",
                 ",".join(sn for sn, ok in r["unpacked"].items() if ok) or "-"] for r in results])
-    if any(r["status"] != "complete" for r in results):
+    if still_damaged or any(r["status"] != "complete" for r in results):
         sys.exit(1)
 
 

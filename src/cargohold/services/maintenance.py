@@ -34,6 +34,9 @@ from cargohold.oci.reference import Reference
 from cargohold.remotes.resolver import Resolver
 from cargohold.remotes.sources import fetch_one, registry_fetch_fn
 from cargohold.services import images
+from cargohold.snapshots import known_snapshotters
+from cargohold.snapshots.base import Kind
+from cargohold.snapshots.storage import top_level_damage
 from cargohold.store import Store
 
 log = logging.getLogger(__name__)
@@ -300,6 +303,64 @@ def repair(store: Store, name: str, resolver: Callable[[], Resolver], *, on_even
     return Repair(name=name, fetched=fetched, failed=sorted(failed.items(), key=lambda kv: str(kv[0])))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DamagedSnapshot:
+    """A committed snapshot whose directory is gone or no longer matches its commit-time record."""
+
+    snapshotter: str
+    key: str
+    reason: str
+
+
+def damaged_snapshots(store: Store) -> list[DamagedSnapshot]:
+    """The committed snapshots of this namespace's local snapshotters whose directory was removed or whose
+    top-level listing differs from the one recorded at commit (a cheap check: no file is read)."""
+    out: list[DamagedSnapshot] = []
+    for name in known_snapshotters():
+        if name in store.config.snapshotters:
+            continue
+        rows = store.db.query(
+            "SELECT key, id FROM snapshots WHERE snapshotter = ? AND namespace = ? AND kind = ?",
+            (name, store.namespace, Kind.COMMITTED.value))
+        base = store.root / "snapshots" / name / "snapshots"
+        for row in rows:
+            reason = top_level_damage(base / str(row["id"]))
+            if reason is not None:
+                out.append(DamagedSnapshot(snapshotter=name, key=row["key"], reason=reason))
+    return sorted(out, key=lambda d: (d.snapshotter, d.key))
+
+
+def remove_damaged(store: Store, damaged: Sequence[DamagedSnapshot]) -> list[tuple[str, str]]:
+    """Remove the damaged snapshots and every snapshot built on them (children first); returns (snapshotter,
+    key) of all removed. The unpacks that need them make them again."""
+    removed: list[tuple[str, str]] = []
+    for name in sorted({d.snapshotter for d in damaged}):
+        rows = store.db.query("SELECT key, parent FROM snapshots WHERE snapshotter = ? AND namespace = ?",
+                              (name, store.namespace))
+        children: dict[str, list[str]] = {}
+        for row in rows:
+            children.setdefault(row["parent"], []).append(row["key"])
+        order: list[str] = []
+        for d in damaged:
+            if d.snapshotter == name:
+                _post_order(d.key, children, order)
+        sn = store.snapshotter(name)
+        for key in order:  # descendants before their parents
+            try:
+                sn.remove(key)
+            except NotFoundError:
+                continue
+            removed.append((name, key))
+    return removed
+
+
+def _post_order(key: str, children: dict[str, list[str]], order: list[str]) -> None:
+    for kid in children.get(key, []):
+        _post_order(kid, children, order)
+    if key not in order:
+        order.append(key)
+
+
 def parse_digests(texts: Sequence[str]) -> list[Digest]:
     """Digests from the command line; InvalidArgumentError naming a bad one."""
     out: list[Digest] = []
@@ -316,6 +377,6 @@ def lease_age(created: datetime) -> float:
     return (utcnow() - created).total_seconds()
 
 
-__all__ = ["ActiveIngest", "BadBlob", "LeaseInfo", "Repair", "VerifyResult", "abort_ingest", "active_ingests",
-           "lease_age", "list_leases", "parse_digests", "quarantine_dir", "remove_leases", "repair",
-           "verify"]
+__all__ = ["ActiveIngest", "BadBlob", "DamagedSnapshot", "LeaseInfo", "Repair", "VerifyResult", "abort_ingest",
+           "active_ingests", "damaged_snapshots", "lease_age", "list_leases", "parse_digests", "quarantine_dir",
+           "remove_damaged", "remove_leases", "repair", "verify"]
