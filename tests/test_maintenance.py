@@ -128,6 +128,12 @@ def test_verify_quarantines_a_corrupt_blob_and_check_repair_fetches_it_back(regi
     assert cli(root, "content", "verify", str(layer.digest)).stdout.startswith("verified 1 blobs: 0 bad")
     assert quarantined.exists()  # kept for whoever wants to look at it
 
+    # Damaged again: the second bad copy is kept beside the first.
+    blob.write_bytes(b"second bad copy")
+    assert cli(root, "content", "verify", str(layer.digest), check=False).returncode == 1
+    assert quarantined.read_bytes()[:-1] == original[:-1]
+    assert quarantined.with_name(f"{layer.digest.hex}.1").read_bytes() == b"second bad copy"
+
 
 def test_verify_names_a_bad_or_unknown_digest_argument(tmp_path: Path) -> None:
     root = tmp_path / "root"

@@ -191,6 +191,10 @@ def _quarantine(store: Store, digest: Digest) -> Path | None:
     target_dir = quarantine_dir(store) / digest.algorithm
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / digest.hex
+    n = 0
+    while target.exists():  # quarantined before (a second bad copy): keep both
+        n += 1
+        target = target_dir / f"{digest.hex}.{n}"
     with store.db.transaction() as conn:
         rows = conn.execute("SELECT namespace, labels FROM content WHERE digest = ?", (str(digest),)).fetchall()
         try:
@@ -200,7 +204,7 @@ def _quarantine(store: Store, digest: Digest) -> Path | None:
             return None
         conn.execute("DELETE FROM content WHERE digest = ?", (str(digest),))
     record = {r["namespace"]: load_labels(r["labels"]) for r in rows}
-    (target_dir / f"{digest.hex}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    (target_dir / f"{target.name}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     log.warning("content %s quarantined to %s", digest, target)
     return target
 
