@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv test fuzz demo bench lint proto clean
+.PHONY: all venv test fuzz crash demo bench lint proto clean
 
 all: test
 
@@ -24,6 +24,12 @@ test: $(STAMP)
 # The property tests of tests/test_fuzz.py with many examples (make test runs a short pass of the same).
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+# tests/test_crash.py with 40 kill points per command (20 SIGKILL, 20 SIGTERM; half by time, half by progress
+# events); make test runs 5 per command. About 10 minutes on an idle 2-core machine.
+crash: $(STAMP)
+	sh scripts/install-system-deps.sh test
+	CARGOHOLD_CRASH_POINTS=40 $(BIN)/pytest -q -p no:cacheprovider tests/test_crash.py
 
 demo: $(STAMP)
 	sh scripts/install-system-deps.sh demo

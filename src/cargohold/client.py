@@ -25,6 +25,7 @@ from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
 from cargohold.metadata.gc import GCResult
 from cargohold.metadata.images import Image, ImageStore
 from cargohold.oci.descriptor import Descriptor
+from cargohold.oci.digest import Digest
 from cargohold.oci.platform import Platform
 from cargohold.remotes.credentials import CredentialStore
 from cargohold.remotes.pullauth import PullAuth, pull_resolver
@@ -37,6 +38,7 @@ from cargohold.services import (
     imagelist,
     images,
     inspect,
+    maintenance,
     mount,
     pull,
     push,
@@ -48,6 +50,7 @@ from cargohold.services.archive import ImportResult
 from cargohold.services.copy import CopyResult
 from cargohold.services.imagelist import ImageRow, PruneResult
 from cargohold.services.inspect import RemoteImage
+from cargohold.services.maintenance import ActiveIngest, DamagedSnapshot, LeaseInfo, Repair, VerifyResult
 from cargohold.services.pull import PullResult
 from cargohold.services.push import PushResult
 from cargohold.services.runtime import RuntimeImage
@@ -191,12 +194,17 @@ class Client:
             resolver.close()
         self.store.close()
 
+    def reap(self) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+        """Clean up what dead processes left (run first by pull, import and unpack); see ``services.gc.reap``."""
+        return gc.reap(self.store)
+
     # -- pull, unpack, mount -----------------------------------------------------------------------------
 
     def pull(self, ref: str, *, platforms: Sequence[Platform | str] = (), all_platforms: bool = False,
              unpack: bool = True, snapshotter: str | None = None, layer_labels: bool = False,
              resolver: Resolver | None = None) -> PullResult:
         """See ``services.pull.pull``; ``resolver`` replaces the client's for this pull."""
+        self.reap()
         return pull.pull(self.store, ref, resolver=resolver or self.resolver, on_event=self.on_event,
                          executor=self._walk, unpack_executor=self._unpack, platforms=platforms,
                          all_platforms=all_platforms, unpack=unpack, snapshotter=snapshotter,
@@ -205,6 +213,7 @@ class Client:
     def unpack(self, name: str, *, snapshotter: str | None = None, platform: Platform | str | None = None,
                layer_labels: bool = False, fetch_missing: bool = True) -> UnpackResult:
         """See ``services.unpack.unpack``."""
+        self.reap()
         return unpack.unpack(self.store, name, on_event=self.on_event, executor=self._unpack,
                              resolver=self._get_resolver, snapshotter=snapshotter, platform=platform,
                              layer_labels=layer_labels, fetch_missing=fetch_missing)
@@ -269,6 +278,53 @@ class Client:
         """See ``services.gc.gc``."""
         return gc.gc(self.store, dry_run=dry_run)
 
+    # -- maintenance: ingests, leases, verify, repair -------------------------------------------------------
+
+    def active_ingests(self) -> list[ActiveIngest]:
+        """See ``services.maintenance.active_ingests``."""
+        return maintenance.active_ingests(self.store)
+
+    def abort_ingest(self, ref: str) -> None:
+        """See ``services.maintenance.abort_ingest``."""
+        maintenance.abort_ingest(self.store, ref)
+
+    def leases(self) -> list[LeaseInfo]:
+        """See ``services.maintenance.list_leases``."""
+        return maintenance.list_leases(self.store)
+
+    def remove_leases(self, ids: Sequence[str]) -> None:
+        """See ``services.maintenance.remove_leases``."""
+        maintenance.remove_leases(self.store, ids)
+
+    def verify(self, digests: Sequence[Digest] = ()) -> VerifyResult:
+        """See ``services.maintenance.verify``."""
+        return maintenance.verify(self.store, digests, workers=self.max_concurrent_downloads,
+                                  on_event=self.on_event)
+
+    def repair(self, name: str) -> Repair:
+        """See ``services.maintenance.repair``."""
+        return maintenance.repair(self.store, name, self._get_resolver, on_event=self.on_event)
+
+    def damaged_snapshots(self) -> list[DamagedSnapshot]:
+        """See ``services.maintenance.damaged_snapshots``."""
+        return maintenance.damaged_snapshots(self.store)
+
+    def repair_snapshots(self, names: Sequence[str]) -> tuple[list[DamagedSnapshot], list[tuple[str, str]]]:
+        """Remove the damaged snapshots (and those built on them), then unpack again each of ``names`` into
+        every local snapshotter it was unpacked in. Returns (damaged, (image, snapshotter) unpacked again)."""
+        damaged = self.damaged_snapshots()
+        if not damaged:
+            return [], []
+        hit = sorted({d.snapshotter for d in damaged})
+        before = [(n, sn) for n in names for sn in hit if self.unpacked(n, sn)]
+        maintenance.remove_damaged(self.store, damaged)
+        again: list[tuple[str, str]] = []
+        for n, sn in before:
+            if not self.unpacked(n, sn):
+                self.unpack(n, snapshotter=sn)
+                again.append((n, sn))
+        return damaged, again
+
     # -- archives, push, copy, referrers -----------------------------------------------------------------
 
     def export(self, out: Path | str | BinaryIO, images: Sequence[str], *, platforms: Sequence[Platform | str] = (),
@@ -282,6 +338,7 @@ class Client:
                        index_name: str | None = None, base_name: str | None = None, digests: bool = False
                        ) -> ImportResult:
         """See ``services.archive.import_archive``."""
+        self.reap()
         return archive.import_archive(self.store, source, on_event=self.on_event, executor=self._unpack,
                                       platforms=platforms, all_platforms=all_platforms, unpack=unpack,
                                       snapshotter=snapshotter, index_name=index_name, base_name=base_name,

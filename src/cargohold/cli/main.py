@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from cargohold import __version__
-from cargohold.cli import archive, images_extra, inspect, login, push, referrers, runtime
+from cargohold.cli import archive, images_extra, inspect, login, maintenance, push, referrers, runtime
 from cargohold.cli.common import State, output_option, pass_state, platform_option, unpack_json, with_platforms
 from cargohold.cli.errors import (
     EXIT_USAGE,
@@ -356,15 +356,35 @@ def images_rm(state: State, names: tuple[str, ...], output: str) -> None:
 @images.command("check")
 @click.argument("names", nargs=-1)
 @with_platforms
+@click.option("--repair", is_flag=True,
+              help="First fetch every missing (or quarantined) blob from the image's registry or the "
+                   "repositories its blobs came from, and unpack again what sits on a snapshot whose directory "
+                   "was damaged or removed.")
 @output_option
 @pass_state
 def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
-                 output: str) -> None:
-    """Say whether each image has every blob it needs; exit 1 when one is incomplete. The layer blobs of an
-    image unpacked lazily by a remote snapshotter are remote, not missing (status "complete (lazy)")."""
+                 repair: bool, output: str) -> None:
+    """Say whether each image has every blob it needs and whether a snapshot directory was damaged or removed
+    from under us; exit 1 when one is incomplete or damaged. The layer blobs of an image unpacked lazily by a
+    remote snapshotter are remote, not missing (status "complete (lazy)")."""
     client = state.client(create=False)
     targets = list(names) or [i.name for i in client.list_images()]
     results: list[dict[str, Any]] = []
+    for n in targets if repair else ():
+        fixed = client.repair(n)
+        for d in fixed.fetched:
+            eprint(f"{fixed.name}: repaired {d}")
+        for d, why in fixed.failed:
+            eprint(f"{fixed.name}: cannot repair {d}: {why}")
+    if repair:
+        damaged, again = client.repair_snapshots(targets)
+        for snap in damaged:
+            eprint(f"snapshot {snap.key} ({snap.snapshotter}) damaged, removed: {snap.reason}")
+        for n, sn in again:
+            eprint(f"{n}: unpacked again into {sn}")
+    still_damaged = client.damaged_snapshots()
+    for snap in still_damaged:
+        eprint(f"snapshot {snap.key} ({snap.snapshotter}) damaged: {snap.reason} (images check --repair)")
     for n in targets:
         res = client.check(n, platforms=platforms, all_platforms=all_platforms)
         plat = platforms[0] if platforms else None
@@ -386,7 +406,7 @@ def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...
                 f"{r['required'] - len(r['missing']) - len(r['remote'])}/{r['required']}",
                 ",".join(r["missing"]) or "-",
                 ",".join(sn for sn, ok in r["unpacked"].items() if ok) or "-"] for r in results])
-    if any(r["status"] != "complete" for r in results):
+    if still_damaged or any(r["status"] != "complete" for r in results):
         sys.exit(1)
 
 
@@ -583,7 +603,7 @@ def gc(state: State, dry_run: bool, output: str) -> None:
 images_extra.register(images)
 
 # Commands that live in their own modules (archives, push, CRI).
-for _module in (archive, inspect, login, push, referrers, runtime):
+for _module in (archive, inspect, login, maintenance, push, referrers, runtime):
     _module.register(cli)
 
 

@@ -161,3 +161,21 @@ def _remove_dir_keeping_lock_last(directory: Path) -> None:
     # A waiter may already have created a fresh lock file here; then the directory is its to keep.
     with contextlib.suppress(FileNotFoundError, OSError):
         os.rmdir(directory)
+
+
+def lock_holder(directory: Path) -> str | None:
+    """Who holds the ingest lock of ``directory`` (the holder's text, e.g. ``pid 123``), None when nobody does.
+    Only looks: creates nothing, and a lock it takes for the look is let go at once."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(directory / LOCK_FILE)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

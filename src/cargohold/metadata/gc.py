@@ -42,6 +42,7 @@ remove the rest through the proxy.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,7 +57,7 @@ from cargohold.metadata.labels import (
     LEASE_PROCESS,
     SNAPSHOT_REF,
 )
-from cargohold.metadata.leases import KIND_CONTENT, KIND_SNAPSHOTS, process_alive
+from cargohold.metadata.leases import KIND_CONTENT, KIND_SNAPSHOTS, process_alive, snapshot_kind
 from cargohold.oci.digest import Digest
 
 log = logging.getLogger(__name__)
@@ -279,3 +280,61 @@ def collect(db: MetadataDB, local_store: BlobFiles, *, dry_run: bool = False) ->
               " (dry run)" if dry_run else "", len(rows.removed_records), len(blobs),
               len(rows.removed_snapshots), len(rows.expired_leases))
     return result
+
+
+def _dead_leases(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(namespace, id) of the leases whose ``cargohold.io/pid`` process is gone (expired ones are left to gc)."""
+    dead: list[tuple[str, str]] = []
+    for row in conn.execute("SELECT namespace, id, labels FROM leases"):
+        process = load_labels(row["labels"]).get(LEASE_PROCESS)
+        if process is not None and not process_alive(process):
+            dead.append((row["namespace"], row["id"]))
+    return sorted(dead)
+
+
+def reap_dead_processes(db: MetadataDB) -> tuple[list[tuple[str, str]], list[SnapshotNode]]:
+    """The cheap part of gc that the start of a pull, import or unpack runs: in one write transaction, drop
+    the leases of processes that are gone and the unpacks' ``extract-…`` active snapshots that only such a
+    lease held (none of their content, nothing else: what else is unreferenced waits for a real gc).
+    Returns (dead leases, snapshot rows deleted); the snapshotters' cleanup then removes their directories."""
+    with db.transaction() as conn:
+        dead = _dead_leases(conn)
+        if not dead:
+            return [], []
+        dead_set = set(dead)
+        doomed: list[SnapshotNode] = []
+        for namespace, lease in dead:
+            rows = conn.execute(
+                "SELECT kind, resource FROM lease_resources WHERE namespace = ? AND lease = ? AND kind LIKE ?",
+                (namespace, lease, KIND_SNAPSHOTS + "/%"),
+            ).fetchall()
+            for row in rows:
+                snapshotter, key = row["kind"][len(KIND_SNAPSHOTS) + 1:], row["resource"]
+                if key.startswith(UNPACK_KEY_PREFIX):
+                    doomed.append((snapshotter, namespace, key))
+        removed: list[SnapshotNode] = []
+        for snapshotter, namespace, key in sorted(set(doomed)):
+            snap = conn.execute(
+                "SELECT kind, labels FROM snapshots WHERE snapshotter = ? AND namespace = ? AND key = ?",
+                (snapshotter, namespace, key)).fetchone()
+            if snap is None or not removable_snapshot(key, snap["kind"], load_labels(snap["labels"])) \
+                    or str(snap["kind"]).lower() != "active":
+                continue
+            holders = conn.execute(
+                "SELECT lease FROM lease_resources WHERE namespace = ? AND kind = ? AND resource = ?",
+                (namespace, snapshot_kind(snapshotter), key)).fetchall()
+            if any((namespace, h["lease"]) not in dead_set for h in holders):
+                continue  # a live lease relies on it too
+            child = conn.execute(
+                "SELECT 1 FROM snapshots WHERE snapshotter = ? AND namespace = ? AND parent = ? LIMIT 1",
+                (snapshotter, namespace, key)).fetchone()
+            if child is not None:
+                continue
+            conn.execute("DELETE FROM snapshots WHERE snapshotter = ? AND namespace = ? AND key = ?",
+                         (snapshotter, namespace, key))
+            removed.append((snapshotter, namespace, key))
+        for namespace, lease in dead:
+            conn.execute("DELETE FROM leases WHERE namespace = ? AND id = ?", (namespace, lease))
+            conn.execute("DELETE FROM lease_resources WHERE namespace = ? AND lease = ?", (namespace, lease))
+    log.debug("reaped %d leases of dead processes, %d extract snapshots", len(dead), len(removed))
+    return dead, removed

@@ -24,7 +24,15 @@ from __future__ import annotations
 import logging
 
 from cargohold.errors import CargoholdError, FailedPreconditionError, NotFoundError
-from cargohold.metadata.gc import GCResult, RowSweep, SnapshotNode, removable_snapshot, sweep_blobs, sweep_rows
+from cargohold.metadata.gc import (
+    GCResult,
+    RowSweep,
+    SnapshotNode,
+    reap_dead_processes,
+    removable_snapshot,
+    sweep_blobs,
+    sweep_rows,
+)
 from cargohold.metadata.leases import snapshot_kind
 from cargohold.snapshots import known_snapshotters, open_snapshotter
 from cargohold.snapshots.base import Info, Snapshotter
@@ -39,6 +47,18 @@ def gc(store: Store, *, dry_run: bool = False) -> tuple[GCResult, list[SnapshotN
     snapshot removed (or that would be), local and proxy ones, as (snapshotter, namespace, key)."""
     rows = sweep_rows(store.db, dry_run=dry_run)
     return finish(store, rows, dry_run=dry_run)
+
+
+def reap(store: Store) -> tuple[list[tuple[str, str]], list[SnapshotNode]]:
+    """What the next pull, import or unpack cleans up before it starts: leases of dead processes, the
+    ``extract-…`` snapshots only they held (rows, then directories) and unpack lock files nobody holds.
+    Ingests are left alone: the same ref's next download resumes one, and gc removes the rest.
+    Returns (dead leases, snapshots removed)."""
+    leases, snapshots = reap_dead_processes(store.db)
+    if snapshots:
+        _cleanup_local(store)
+    remove_stale_locks(store.root / "unpack" / "locks")
+    return leases, snapshots
 
 
 def finish(store: Store, rows: RowSweep, *, dry_run: bool = False) -> tuple[GCResult, list[SnapshotNode]]:

@@ -274,7 +274,11 @@ class SnapshotStore:
                     key,
                 ),
             )
-            return self.get(name, conn)
+            committed = self.get(name, conn)
+        # After the transaction (no file work under the write lock); a crash before it leaves no record, and
+        # a snapshot without one is simply not checked.
+        record_top_level(self.path(committed.id))
+        return committed
 
     def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
         key = info.key
@@ -367,3 +371,43 @@ class SnapshotStore:
         for scratch in doomed:
             scratch.remove()
             scratch.close()
+
+
+TOP_LEVEL_RECORD = "fs.top"
+"""Beside a committed snapshot's ``fs``: its sorted top-level names, one a line, as they were at commit; a cheap
+check that the directory was not damaged or removed from under us (``images check``)."""
+
+
+def _top_level(directory: Path) -> str:
+    return "".join(f"{name}\n" for name in sorted(os.listdir(directory / "fs")))
+
+
+def record_top_level(directory: Path) -> None:
+    """Write the top-level record of the snapshot directory ``directory`` (nothing when it has no ``fs``)."""
+    try:
+        text = _top_level(directory)
+    except OSError:
+        return
+    tmp = directory / f".{TOP_LEVEL_RECORD}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, directory / TOP_LEVEL_RECORD)
+
+
+def top_level_damage(directory: Path) -> str | None:
+    """Why the committed snapshot directory no longer matches its record (missing, names differ), or None
+    when it matches or has no record to compare with."""
+    if not directory.is_dir():
+        return f"directory {directory} is missing"
+    try:
+        recorded = (directory / TOP_LEVEL_RECORD).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        now = _top_level(directory)
+    except OSError as exc:
+        return f"{directory / 'fs'}: {exc.strerror or exc}"
+    if now != recorded:
+        gone = sorted(set(recorded.splitlines()) - set(now.splitlines()))
+        added = sorted(set(now.splitlines()) - set(recorded.splitlines()))
+        return f"{directory / 'fs'}: top-level names changed (missing {gone or '-'}, added {added or '-'})"
+    return None
