@@ -118,6 +118,16 @@ class GCResult:
     removed_locks: list[str] = field(default_factory=list)
     unreachable: list[tuple[str, str]] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, rows: RowSweep, blobs: list[Digest], *, removed_ingests: list[str] | None = None,
+           removed_locks: list[str] | None = None, unreachable: list[tuple[str, str]] | None = None) -> GCResult:
+        """The result of a row sweep and a blob sweep (and what the caller removed besides)."""
+        return cls(removed_content=sorted({d for _, d in rows.removed_records}, key=str),
+                   removed_records=rows.removed_records, removed_blobs=blobs,
+                   removed_snapshots=rows.removed_snapshots, expired_leases=rows.expired_leases,
+                   removed_ingests=removed_ingests or [], removed_locks=removed_locks or [],
+                   unreachable=unreachable or [])
+
 
 def _snapshotter_of(label_key: str) -> str:
     rest = label_key[len(LABEL_GC_REF_SNAPSHOT) + 1:]
@@ -269,13 +279,7 @@ def collect(db: MetadataDB, local_store: BlobFiles, *, dry_run: bool = False) ->
     files. Snapshot directories are the snapshotters' (``services.gc`` runs their cleanup)."""
     rows = sweep_rows(db, dry_run=dry_run)
     blobs = sweep_blobs(db, local_store, dry_run=dry_run, live_digests=rows.live_digests)
-    result = GCResult(
-        removed_content=sorted({d for _, d in rows.removed_records}, key=str),
-        removed_records=rows.removed_records,
-        removed_blobs=blobs,
-        removed_snapshots=rows.removed_snapshots,
-        expired_leases=rows.expired_leases,
-    )
+    result = GCResult.of(rows, blobs)
     log.debug("gc%s: %d content rows, %d blob files, %d snapshots, %d dead leases",
               " (dry run)" if dry_run else "", len(rows.removed_records), len(blobs),
               len(rows.removed_snapshots), len(rows.expired_leases))

@@ -80,16 +80,7 @@ def finish(store: Store, rows: RowSweep, *, dry_run: bool = False) -> tuple[GCRe
         except CargoholdError as exc:
             log.warning("gc: proxy snapshotter %s: %s", name, exc)
             unreachable.append((name, str(exc)))
-    result = GCResult(
-        removed_content=sorted({d for _, d in rows.removed_records}, key=str),
-        removed_records=rows.removed_records,
-        removed_blobs=blobs,
-        removed_snapshots=rows.removed_snapshots,
-        expired_leases=rows.expired_leases,
-        removed_ingests=ingests,
-        removed_locks=locks,
-        unreachable=unreachable,
-    )
+    result = GCResult.of(rows, blobs, removed_ingests=ingests, removed_locks=locks, unreachable=unreachable)
     return result, sorted([*rows.removed_snapshots, *proxy_removed])
 
 

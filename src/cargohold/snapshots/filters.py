@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cargohold.errors import InvalidArgumentError
+from cargohold.snapshots.base import Info
 
 Adaptor = Callable[[tuple[str, ...]], tuple[str, bool]]
 """Maps a fieldpath (e.g. ("labels", "a.b")) to (value, present)."""
@@ -171,3 +172,22 @@ def map_field(mapping: Mapping[str, str], rest: tuple[str, ...]) -> tuple[str, b
     if key in mapping:
         return mapping[key], True
     return "", False
+
+
+def info_fields(info: Info) -> Callable[[tuple[str, ...]], tuple[str, bool]]:
+    """The filter fields of a snapshot's Info (``kind``, ``name``, ``parent``, ``labels.KEY``), as containerd's
+    snapshot adaptor: what ``Filters.match`` reads."""
+
+    def field(path: tuple[str, ...]) -> tuple[str, bool]:
+        head = path[0]
+        if head == "kind":
+            return info.kind.filter_name, True
+        if head == "name":
+            return info.name, bool(info.name)
+        if head == "parent":
+            return info.parent, bool(info.parent)
+        if head == "labels":
+            return map_field(info.labels, path[1:])
+        return "", False
+
+    return field

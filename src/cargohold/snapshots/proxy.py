@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -42,7 +42,7 @@ from cargohold.metadata.content import validate_labels
 from cargohold.metadata.labels import SNAPSHOT_REF
 from cargohold.snapshots.base import Info, Kind, Mount, Usage
 from cargohold.snapshots.errors import error_kind
-from cargohold.snapshots.filters import map_field, parse_filters
+from cargohold.snapshots.filters import info_fields, parse_filters
 from cargohold.snapshots.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 
 NAMESPACE_HEADER = "containerd-namespace"
@@ -263,7 +263,7 @@ class ProxySnapshotter:
         except grpc.RpcError as exc:
             self._raise(exc, what)
         if self._prefix:
-            infos = [i for i in infos if parsed.match(_fields(i))]
+            infos = [i for i in infos if parsed.match(info_fields(i))]
         return iter(sorted(infos, key=lambda i: i.key))
 
     def cleanup(self) -> None:
@@ -287,24 +287,6 @@ def _applied_labels(info: Info, fieldpaths: Sequence[str]) -> Mapping[str, str]:
         return info.labels
     prefix = "labels."
     return {p[len(prefix):]: info.labels.get(p[len(prefix):], "") for p in fieldpaths if p.startswith(prefix)}
-
-
-def _fields(info: Info) -> Callable[[tuple[str, ...]], tuple[str, bool]]:
-    """The filter fields of ``info`` (as the local snapshotters' store and containerd's adaptor)."""
-
-    def field(path: tuple[str, ...]) -> tuple[str, bool]:
-        head = path[0]
-        if head == "kind":
-            return info.kind.filter_name, True
-        if head == "name":
-            return info.name, bool(info.name)
-        if head == "parent":
-            return info.parent, bool(info.parent)
-        if head == "labels":
-            return map_field(info.labels, path[1:])
-        return "", False
-
-    return field
 
 
 def _to_time(ts: timestamp_pb2.Timestamp) -> datetime:

@@ -39,7 +39,7 @@ from cargohold.metadata.content import validate_labels
 from cargohold.metadata.db import MetadataDB, dump_labels, from_text, load_labels, to_text, utcnow
 from cargohold.snapshots.base import Info, Kind
 from cargohold.snapshots.dirs import Scratch, rmtree_quiet
-from cargohold.snapshots.filters import map_field, parse_filters
+from cargohold.snapshots.filters import info_fields, parse_filters
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +50,6 @@ class Record:
 
     id: int
     info: Info
-
-
-def _adaptor(info: Info) -> Callable[[tuple[str, ...]], tuple[str, bool]]:
-    def field(path: tuple[str, ...]) -> tuple[str, bool]:
-        head = path[0]
-        if head == "kind":
-            return info.kind.filter_name, True
-        if head == "name":
-            return info.name, bool(info.name)
-        if head == "parent":
-            return info.parent, bool(info.parent)
-        if head == "labels":
-            return map_field(info.labels, path[1:])
-        return "", False
-
-    return field
 
 
 class SnapshotStore:
@@ -151,7 +135,7 @@ class SnapshotStore:
             (self.snapshotter, self.namespace),
         )
         infos = [self._record(row).info for row in rows]
-        return iter([info for info in infos if match.match(_adaptor(info))])
+        return iter([info for info in infos if match.match(info_fields(info))])
 
     # --- writing ---------------------------------------------------------------------------------------
 
