@@ -17,7 +17,6 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from cargohold.oci import mediatypes as mt
 from cargohold.snapshots.base import Kind
 from cargohold.snapshots.mount import mount_all, unmount
 from support import BasicAuthRegistry, TokenRegistry
-from support.cli import cargohold_cmd, cli
+from support.cli import cargohold_cmd, cli, wait_for_socket
 
 CRI_LABELS = (L.CRI_IMAGE_REF, L.CRI_MANIFEST_DIGEST, L.CRI_LAYER_DIGEST, L.CRI_IMAGE_LAYERS)
 CONFIG = """
@@ -492,11 +491,7 @@ def test_cli_serve_cri_and_snapshots_prepare(registry: RegistryProcess, sock_dir
     proc = subprocess.Popen(cargohold_cmd(root, "serve", "cri",
                              "--socket", str(sock)), stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "server did not create its socket"
-            time.sleep(0.05)
+        wait_for_socket(proc, sock)
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             runtime = pb_grpc.RuntimeServiceStub(channel)

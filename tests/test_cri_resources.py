@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +14,7 @@ from cargohold.cri.proto import api_pb2 as pb
 from cargohold.cri.proto import api_pb2_grpc as pb_grpc
 from cargohold.devtools import samples
 from cargohold.devtools.registry import RegistryProcess
-from support.cli import cargohold_cmd
+from support.cli import cargohold_cmd, wait_for_socket
 
 CALLS = 2000
 SLACK = 3  # grpc may keep a stray worker or channel fd around; anything that grows per call is far above this
@@ -49,11 +48,7 @@ def test_serve_cri_stays_flat(registry: RegistryProcess, tmp_path: Path) -> None
     proc = subprocess.Popen(cargohold_cmd(root, "serve", "cri", "--socket", str(sock)), stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "server did not create its socket"
-            time.sleep(0.05)
+        wait_for_socket(proc, sock)
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             images = pb_grpc.ImageServiceStub(channel)

@@ -24,6 +24,7 @@ from cargohold.oci.config import chain_ids
 from cargohold.services import gc as gcservice
 from cargohold.snapshots.server import SnapshotsServer
 from support.cli import cli
+from support.killed import KILLED_PULL
 
 BASE = samples.files_layer({"etc/base.txt": b"shared base layer\n", "usr/lib/base.bin": bytes(range(256)) * 64})
 MIDDLE = samples.files_layer({"usr/share/middle.txt": b"shared middle layer\n"})
@@ -123,21 +124,6 @@ def test_gc_in_a_loop_never_breaks_concurrent_pulls_imports_and_unpacks(registry
     assert checked and all(c["status"] == "complete" for c in checked)
 
 
-KILLED_PULL = textwrap.dedent("""
-    import sys, time
-    import cargohold.unpack.unpacker as unpacker
-    from cargohold.client import Client
-
-    real = unpacker.apply_layer
-
-    def slow(*args, **kwargs):
-        print("applying", flush=True)  # the parent kills us now, mid-unpack
-        time.sleep(60)
-        return real(*args, **kwargs)
-
-    unpacker.apply_layer = slow
-    Client(sys.argv[1]).pull(sys.argv[2])
-""")
 
 
 def _usage(root: Path) -> dict[str, list[str]]:

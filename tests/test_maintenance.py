@@ -19,6 +19,7 @@ from cargohold.content.local import LocalStore
 from cargohold.devtools import samples
 from cargohold.devtools.registry import RegistryProcess
 from support.cli import cli
+from support.killed import KILLED_PULL
 
 IMAGE = samples.build_image([
     samples.files_layer({"etc/base.txt": b"maintenance base\n"}),
@@ -165,21 +166,6 @@ def test_repair_fetches_a_quarantined_blob_from_its_recorded_source_when_the_ima
     assert blob.read_bytes() == layer.data
 
 
-KILLED_PULL = textwrap.dedent("""
-    import sys, time
-    import cargohold.unpack.unpacker as unpacker
-    from cargohold.client import Client
-
-    real = unpacker.apply_layer
-
-    def slow(*args, **kwargs):
-        print("applying", flush=True)  # the parent kills us now, mid-unpack
-        time.sleep(60)
-        return real(*args, **kwargs)
-
-    unpacker.apply_layer = slow
-    Client(sys.argv[1]).pull(sys.argv[2])
-""")
 
 
 def test_the_next_pull_removes_the_lease_and_extract_snapshot_of_a_pull_killed_mid_unpack(

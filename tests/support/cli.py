@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,3 +31,13 @@ def cli_bytes(root: Path, *args: str, check: bool = True, stdin: bytes | None = 
     if check and proc.returncode != 0:
         raise AssertionError(f"cargohold {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
     return proc
+
+
+def wait_for_socket(proc: subprocess.Popen[str], sock: Path, timeout: float = 30) -> None:
+    """Wait until the server ``proc`` (started with ``stderr=PIPE``) has created its unix socket ``sock``; fail
+    showing its stderr if it exits first, or when ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "server did not create its socket"
+        time.sleep(0.05)
