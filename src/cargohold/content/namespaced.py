@@ -240,6 +240,10 @@ class NamespacedWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         return self._local.write(data)
 
+    def open_reader(self) -> int:
+        """See ``LocalWriter.open_reader``."""
+        return self._local.open_reader()
+
     def status(self) -> Status:
         status = self._store._status(self._local.status())
         assert status is not None

@@ -104,6 +104,10 @@ class Writer(Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> int: ...
 
+    def open_reader(self) -> int:
+        """A new fd reading the data written so far (and later) from its start; valid after commit."""
+        ...
+
     def status(self) -> Status: ...
 
     def truncate(self, size: int) -> None:

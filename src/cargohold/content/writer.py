@@ -180,6 +180,11 @@ class LocalWriter:
     def closed(self) -> bool:
         return self._fd is None
 
+    def open_reader(self) -> int:
+        """A new file descriptor reading this ingest's data from its start, for a reader that follows the bytes
+        as they are written (an apply streaming a layer). It stays valid after ``commit`` renames the file."""
+        return os.open(self._dir / "data", os.O_RDONLY | os.O_CLOEXEC)
+
     def _live_fd(self) -> int:
         if self._fd is None:
             raise FailedPreconditionError(f"ingest ref {self._ref}: writer is closed")

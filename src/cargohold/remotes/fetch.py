@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Protocol, Self
 
-from cargohold.content.store import Ingester
+from cargohold.content.store import Ingester, Writer
 from cargohold.errors import AlreadyExistsError, NoSpaceError, SizeMismatchError, UnavailableError
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.descriptor import Descriptor
@@ -39,6 +39,19 @@ class BlobFetcher(Protocol):
     def fetch(self, desc: Descriptor, *, offset: int = 0) -> ChunkStream: ...
 
 
+class BlobTap(Protocol):
+    """Follows a blob while it is downloaded into the store (an apply streaming a layer from the same bytes)."""
+
+    def opened(self, reader: Callable[[], int]) -> None:
+        """The ingest is open; ``reader()`` gives a new fd on its bytes from the start (valid after commit)."""
+
+    def committed(self, size: int) -> None:
+        """The blob is complete, verified (digest and size), fsynced and committed: ``size`` bytes."""
+
+    def failed(self, error: BaseException) -> None:
+        """The download failed (bytes already written may have been discarded): nothing more will come."""
+
+
 def ingest_ref(desc: Descriptor) -> str:
     """The ingest ref of a download, after containerd's MakeRefKey: ``layer-<digest>``, ``manifest-...``."""
     mtype = desc.media_type
@@ -65,6 +78,7 @@ def fetch_blob(
     progress: ProgressFn | None = None,
     max_resumes: int = 5,
     fetch_timeout: float | None = None,
+    tap: BlobTap | None = None,
 ) -> None:
     """Download ``desc`` into the store and commit it, verified against its digest and size.
 
@@ -75,7 +89,8 @@ def fetch_blob(
     has arrived for ``fetch_timeout`` seconds (default: the fetcher's ``fetch_timeout``, else
     DEFAULT_FETCH_TIMEOUT). On a digest or size mismatch nothing is committed, the partial download is
     discarded (the next pull starts afresh) and DigestMismatchError / SizeMismatchError names the digest.
-    ``progress(done, total)`` is called as bytes arrive.
+    ``progress(done, total)`` is called as bytes arrive. ``tap`` follows the download while it is written (see
+    ``BlobTap``); it hears nothing when the blob was already in the store.
     """
     give_up = fetch_timeout if fetch_timeout is not None else float(
         getattr(fetcher, "fetch_timeout", DEFAULT_FETCH_TIMEOUT))
@@ -87,57 +102,74 @@ def fetch_blob(
     with writer:
         if writer.offset > desc.size:
             writer.truncate(0)  # a leftover longer than the blob can only be garbage
-        if writer.offset and progress is not None:
-            progress(writer.offset, desc.size)
-        resumes = 0
-        last_progress = time.monotonic()
-        while writer.offset < desc.size:
-            start = writer.offset
-            # Opening is retried by the transport (and falls through the hosts); an error here is final.
-            try:
-                stream = fetcher.fetch(desc, offset=start)
-            except SizeMismatchError:
-                writer.truncate(0)  # a partial of a blob that is not what its descriptor says is worthless
-                raise
-            try:
-                with stream:
-                    for chunk in stream:
-                        writer.write(chunk)
-                        last_progress = time.monotonic()
-                        if progress is not None:
-                            progress(min(writer.offset, desc.size), desc.size)
-                        if writer.offset > desc.size:
-                            break  # more bytes than announced: commit below reports the size mismatch
-            except NoSpaceError:
-                raise  # our disk, not the connection: reopening would not help (the partial data is kept)
-            except UnavailableError as exc:
-                # The connection dropped or stalled mid-body: reopen at the offset reached. Cuts are bounded
-                # by count, stalls by the time without a byte.
-                idle = time.monotonic() - last_progress
-                if idle >= give_up:
-                    raise UnavailableError(
-                        f"{desc.digest}: no data for {idle:.0f} s at byte {writer.offset} of {desc.size}; "
-                        f"giving up (fetch_timeout {give_up:g} s): {exc}") from exc
-                if not getattr(stream, "stalled", False):
-                    if resumes >= max_resumes:
-                        raise UnavailableError(f"{desc.digest}: gave up after {resumes} resumes: {exc}") from exc
-                    resumes += 1
-                log.info(
-                    "%s: %s; resuming at byte %d (resume %d of %d)",
-                    desc.digest,
-                    exc,
-                    writer.offset,
-                    resumes,
-                    max_resumes,
-                )
-                continue
-            if writer.offset > desc.size:
-                break
-            if writer.offset < desc.size:
-                # The body ended early without an error (no Content-Length): also a cut.
+        if tap is not None:
+            tap.opened(writer.open_reader)
+        try:
+            _download(fetcher, writer, desc, labels=labels, progress=progress, max_resumes=max_resumes,
+                      give_up=give_up)
+        except BaseException as exc:
+            if tap is not None:
+                tap.failed(exc)
+            raise
+    if tap is not None:
+        tap.committed(desc.size)
+
+
+def _download(fetcher: BlobFetcher, writer: Writer, desc: Descriptor, *, labels: Mapping[str, str] | None,
+              progress: ProgressFn | None, max_resumes: int, give_up: float) -> None:
+    """The body of ``fetch_blob``: write the blob from the writer's offset to its end (resuming when cut off),
+    then commit it."""
+    if writer.offset and progress is not None:
+        progress(writer.offset, desc.size)
+    resumes = 0
+    last_progress = time.monotonic()
+    while writer.offset < desc.size:
+        start = writer.offset
+        # Opening is retried by the transport (and falls through the hosts); an error here is final.
+        try:
+            stream = fetcher.fetch(desc, offset=start)
+        except SizeMismatchError:
+            writer.truncate(0)  # a partial of a blob that is not what its descriptor says is worthless
+            raise
+        try:
+            with stream:
+                for chunk in stream:
+                    writer.write(chunk)
+                    last_progress = time.monotonic()
+                    if progress is not None:
+                        progress(min(writer.offset, desc.size), desc.size)
+                    if writer.offset > desc.size:
+                        break  # more bytes than announced: commit below reports the size mismatch
+        except NoSpaceError:
+            raise  # our disk, not the connection: reopening would not help (the partial data is kept)
+        except UnavailableError as exc:
+            # The connection dropped or stalled mid-body: reopen at the offset reached. Cuts are bounded
+            # by count, stalls by the time without a byte.
+            idle = time.monotonic() - last_progress
+            if idle >= give_up:
+                raise UnavailableError(
+                    f"{desc.digest}: no data for {idle:.0f} s at byte {writer.offset} of {desc.size}; "
+                    f"giving up (fetch_timeout {give_up:g} s): {exc}") from exc
+            if not getattr(stream, "stalled", False):
                 if resumes >= max_resumes:
-                    raise UnavailableError(
-                        f"{desc.digest}: registry sent {writer.offset} of {desc.size} bytes, then nothing"
-                    )
+                    raise UnavailableError(f"{desc.digest}: gave up after {resumes} resumes: {exc}") from exc
                 resumes += 1
-        writer.commit(desc.size, desc.digest, labels=dict(labels) if labels else None)
+            log.info(
+                "%s: %s; resuming at byte %d (resume %d of %d)",
+                desc.digest,
+                exc,
+                writer.offset,
+                resumes,
+                max_resumes,
+            )
+            continue
+        if writer.offset > desc.size:
+            break
+        if writer.offset < desc.size:
+            # The body ended early without an error (no Content-Length): also a cut.
+            if resumes >= max_resumes:
+                raise UnavailableError(
+                    f"{desc.digest}: registry sent {writer.offset} of {desc.size} bytes, then nothing"
+                )
+            resumes += 1
+    writer.commit(desc.size, desc.digest, labels=dict(labels) if labels else None)

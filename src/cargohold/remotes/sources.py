@@ -7,6 +7,7 @@ containerd's ``containerd.io/distribution.source.<host>`` label; this module is 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
@@ -14,11 +15,15 @@ from cargohold.events import Event, EventSink
 from cargohold.metadata.labels import DISTRIBUTION_SOURCE
 from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.reference import Reference
-from cargohold.remotes.fetch import BlobFetcher, fetch_blob
+from cargohold.remotes.fetch import BlobFetcher, BlobTap, fetch_blob
 from cargohold.remotes.resolver import Fetcher, Resolver
 
-FetchFn = Callable[[Descriptor], bool]
-"""Fetches one blob into the store unless present; True when it was fetched."""
+
+class FetchFn(Protocol):
+    """Fetches one blob into the store unless present; True when it was fetched. ``tap`` follows the bytes
+    while they are written."""
+
+    def __call__(self, desc: Descriptor, /, *, tap: BlobTap | None = None) -> bool: ...
 
 
 def source_label(reference: Reference) -> dict[str, str]:
@@ -46,8 +51,10 @@ def add_source_label(store: NamespacedStore, desc: Descriptor, source: Mapping[s
 
 
 def fetch_one(fetcher: BlobFetcher, desc: Descriptor, store: NamespacedStore, source: Mapping[str, str],
-              on_event: EventSink) -> bool:
-    """Fetch one blob unless present; label it with its distribution source. True when fetched."""
+              on_event: EventSink, *, tap: BlobTap | None = None) -> bool:
+    """Fetch one blob unless present; label it with its distribution source. True when fetched.
+
+    ``tap`` follows the bytes while they are written (it hears nothing when the blob was present)."""
     item = str(desc.digest)
     if store.exists(desc.digest):
         add_source_label(store, desc, source)
@@ -61,7 +68,7 @@ def fetch_one(fetcher: BlobFetcher, desc: Descriptor, store: NamespacedStore, so
                        current=current, total=total))
 
     try:
-        fetch_blob(fetcher, store, desc, labels=dict(source), progress=progress)
+        fetch_blob(fetcher, store, desc, labels=dict(source), progress=progress, tap=tap)
     except AlreadyExistsError:
         add_source_label(store, desc, source)
     except Exception as exc:
@@ -83,9 +90,9 @@ def registry_fetch_fn(resolver: Callable[[], Resolver], image_name: str, store: 
     source = source_label(reference)
     fetcher: list[Fetcher] = []
 
-    def fetch(desc: Descriptor) -> bool:
+    def fetch(desc: Descriptor, /, *, tap: BlobTap | None = None) -> bool:
         if not fetcher:
             fetcher.append(resolver().fetcher(reference))
-        return fetch_one(fetcher[0], desc, store, source, on_event)
+        return fetch_one(fetcher[0], desc, store, source, on_event, tap=tap)
 
     return fetch

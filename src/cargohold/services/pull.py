@@ -11,6 +11,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from cargohold.content.namespaced import NamespacedStore
+from cargohold.diff.worker import ApplyPool, shared_pool
 from cargohold.errors import LimitExceededError, UnsupportedMediaTypeError
 from cargohold.events import Event, EventSink
 from cargohold.images.handlers import (
@@ -34,6 +35,7 @@ from cargohold.oci.descriptor import Descriptor
 from cargohold.oci.manifest import Manifest
 from cargohold.oci.platform import Platform
 from cargohold.oci.reference import Reference
+from cargohold.remotes.fetch import BlobTap
 from cargohold.remotes.resolver import Resolver
 from cargohold.remotes.sources import fetch_one as fetch_blob_once
 from cargohold.remotes.sources import source_label
@@ -69,6 +71,7 @@ def pull(
     unpack: bool = True,
     snapshotter: str | None = None,
     layer_labels: bool = False,
+    applier: ApplyPool | None = None,
 ) -> PullResult:
     """Resolve ``ref``, fetch the image's blobs for the platforms, unpack them, record the image.
 
@@ -78,6 +81,8 @@ def pull(
     target labels that remote snapshotters use.
     """
     reference = Reference.parse(ref)
+    if unpack:
+        (applier or shared_pool()).prestart()  # worker processes start while the image is resolved
     on_event(Event(action="resolve", status="running", item=str(reference)))
     _, target = resolver.resolve(reference)
     on_event(Event(action="resolve", status="done", item=str(reference), message=str(target.digest)))
@@ -93,13 +98,13 @@ def pull(
         record = threading.Lock()
         source = source_label(reference)
 
-        def fetch_one(desc: Descriptor) -> bool:
+        def fetch_one(desc: Descriptor, /, *, tap: BlobTap | None = None) -> bool:
             limit = store.config.max_layer_size
             if limit is not None and desc.size > limit and mt.is_layer(desc.media_type):
                 raise LimitExceededError(
                     f"layer {desc.digest}: {desc.size} bytes is more than max_layer_size ({limit} bytes); "
                     "not fetched")
-            was_fetched = fetch_blob_once(fetcher, desc, content, source, on_event)
+            was_fetched = fetch_blob_once(fetcher, desc, content, source, on_event, tap=tap)
             with record:
                 # A layer is also asked for by the unpacker after the walk saw it: list each blob once.
                 seen = fetched if was_fetched else present
@@ -128,8 +133,10 @@ def pull(
             if rest:  # other platforms' layers (--all-platforms): fetched, not unpacked
                 dispatch(fetch, rest, executor=executor)
             resolved = resolve_manifest(content, chosen, matcher, name=str(reference))
+            # Layer downloads run on the walk's pool (idle by now), never behind the layer tasks.
             unpacker = new_unpacker(store, snapshotter, fetch_one, content, on_event=on_event,
-                                    executor=unpack_executor, lease=lease.id)
+                                    executor=unpack_executor, lease=lease.id, applier=applier,
+                                    download_executor=executor)
             unpack_result = unpacker.unpack(
                 resolved, layer_labels=layer_labels_fn(str(reference), resolved) if layer_labels else None)
 

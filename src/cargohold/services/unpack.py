@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from cargohold.content.namespaced import NamespacedStore
+from cargohold.diff.worker import ApplyPool
 from cargohold.errors import NotFoundError, UnsupportedMediaTypeError
 from cargohold.events import EventSink
 from cargohold.images.image import ResolvedManifest, resolve_manifest
@@ -26,13 +27,15 @@ from cargohold.unpack.unpacker import FetchFn, LayerLabelsFn, Unpacker, UnpackRe
 
 
 def new_unpacker(store: Store, snapshotter: str | None, fetch: FetchFn | None, content: NamespacedStore,
-                 *, on_event: EventSink, executor: Executor, lease: str | None = None) -> Unpacker:
+                 *, on_event: EventSink, executor: Executor, lease: str | None = None,
+                 applier: ApplyPool | None = None, download_executor: Executor | None = None) -> Unpacker:
     """An unpacker into the store's ``snapshotter`` reading ``content``; with ``lease``, every snapshot it
     relies on is added to that lease before use."""
     unpacker = Unpacker(content=content, snapshotter=store.snapshotter(snapshotter),
                         locks_dir=store.root / "unpack" / "locks", fetch=fetch, on_event=on_event,
                         executor=executor, max_layer_size=store.config.max_layer_size,
-                        max_unpacked_size=store.config.max_unpacked_size)
+                        max_unpacked_size=store.config.max_unpacked_size, applier=applier,
+                        download_executor=download_executor)
     if lease is not None:
         kind = snapshot_kind(unpacker.snapshotter.name)
         unpacker.hold = lambda key: store.leases.add_resource(lease, kind, key)
@@ -57,6 +60,8 @@ def unpack(
     platform: Platform | str | None = None,
     layer_labels: bool = False,
     fetch_missing: bool = True,
+    applier: ApplyPool | None = None,
+    download_executor: Executor | None = None,
 ) -> UnpackResult:
     """Unpack an image already in the store into a snapshotter.
 
@@ -73,7 +78,8 @@ def unpack(
     # gc.ref.snapshot label (set at the end) references them.
     with store.leases.hold(labels={LEASE_UNPACK: image.name}) as lease:
         unpacker = new_unpacker(store, snapshotter, fetch, store.content.with_lease(lease.id), on_event=on_event,
-                                executor=executor, lease=lease.id)
+                                executor=executor, lease=lease.id, applier=applier,
+                                download_executor=download_executor)
         return unpacker.unpack(resolved, layer_labels=layer_labels_fn(image.name, resolved) if layer_labels else None)
 
 

@@ -29,13 +29,14 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cargohold.content.store import ContentStore
-from cargohold.diff.apply import apply_layer
+from cargohold.diff.worker import ApplyPool, ApplyRequest, Feed, FeedFailedError, shared_pool
 from cargohold.errors import (
     AlreadyExistsError,
     CargoholdError,
@@ -58,8 +59,21 @@ from cargohold.unpack.labels import inherited_labels
 
 log = logging.getLogger(__name__)
 
-# Ensure a blob is in the content store; True when it had to be fetched.
-FetchFn = Callable[[Descriptor], bool]
+class LayerTap(Protocol):
+    """Follows a blob while it is downloaded (``remotes.fetch.BlobTap``)."""
+
+    def opened(self, reader: Callable[[], int]) -> None: ...
+
+    def committed(self, size: int) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
+
+
+class FetchFn(Protocol):
+    """Ensure a blob is in the content store; True when it had to be fetched. ``tap`` follows the download
+    while its bytes are written (it hears nothing when the blob was present)."""
+
+    def __call__(self, desc: Descriptor, /, *, tap: LayerTap | None = None) -> bool: ...
 # Extra labels for layer i's snapshot (e.g. the CRI target labels).
 LayerLabelsFn = Callable[[int], Mapping[str, str]]
 
@@ -104,6 +118,84 @@ ATTEMPTS = 3
 """Unpacks of one manifest when parents vanish under it."""
 
 
+class _Stream:
+    """One layer's download, followed by its apply: the bytes are written (and hashed) once by the content
+    writer, and the apply reads them from the ingest file as they land — from the page cache, not the disk.
+
+    The download runs on its own pool, so it never waits for an apply (nor for the parent layers' applies):
+    the ingest file is the buffer, memory stays flat whatever the layer size. Each apply attempt gets its own
+    fd (a fresh open of the same file) and ``Feed``; the blob's digest is verified by the writer at commit,
+    before the layer's snapshot may be committed.
+    """
+
+    def __init__(self, fetch: FetchFn, layer: Descriptor, executor: Executor) -> None:
+        self._lock = threading.Lock()
+        self._master: int | None = None  # an fd on the ingest data, from when the ingest opens
+        self._size: int | None = None
+        self._error: BaseException | None = None
+        self._feeds: list[Feed] = []
+        self._opened = threading.Event()
+        self.future: Future[bool] = executor.submit(fetch, layer, tap=self)
+
+    # -- LayerTap (download thread) --------------------------------------------------------------------------
+
+    def opened(self, reader: Callable[[], int]) -> None:
+        fd = reader()
+        with self._lock:
+            self._master = fd
+        self._opened.set()
+
+    def committed(self, size: int) -> None:
+        with self._lock:
+            self._size = size
+            feeds = list(self._feeds)
+        for feed in feeds:
+            feed.end(size)
+
+    def failed(self, error: BaseException) -> None:
+        with self._lock:
+            self._error = error
+            feeds = list(self._feeds)
+        for feed in feeds:
+            feed.fail(f"download failed: {error}")
+
+    # -- the layer task ---------------------------------------------------------------------------------------
+
+    def source(self) -> tuple[int, Feed | None] | None:
+        """An fd on the blob's bytes and the feed that tells when they are complete; None when this download
+        wrote nothing (the blob was in the store already: read it there). Raises the download's error."""
+        while not self._opened.wait(0.05):
+            if self.future.done():
+                break
+        with self._lock:
+            if self._master is None:
+                self.future.result()  # raises when the download failed before its ingest opened
+                return None
+            fd = os.open(f"/proc/self/fd/{self._master}", os.O_RDONLY | os.O_CLOEXEC)
+            if self._size is not None:
+                return fd, None
+            if self._error is not None:
+                os.close(fd)
+                self.future.result()
+                raise self._error
+            feed = Feed()
+            self._feeds.append(feed)
+            return fd, feed
+
+    def result(self) -> bool:
+        """Wait for the download; True when it fetched the blob. Raises its error (DigestMismatchError...)."""
+        return self.future.result()
+
+    def close(self) -> None:
+        """Wait for the download (the caller's lease must outlive it) and drop the fd."""
+        if not self.future.cancel():
+            self.future.exception()
+        with self._lock:
+            fd, self._master = self._master, None
+        if fd is not None:
+            os.close(fd)
+
+
 class Unpacker:
     """Unpacks manifests into one snapshotter, fetching layer blobs through ``fetch`` when they are missing.
 
@@ -123,8 +215,15 @@ class Unpacker:
         executor: Executor | None = None,
         max_layer_size: int | None = None,
         max_unpacked_size: int | None = None,
+        applier: ApplyPool | None = None,
+        download_executor: Executor | None = None,
     ) -> None:
         self.content = content
+        # Where layers are applied: worker processes (the process-wide pool unless given), so overlapping
+        # applies use every core instead of sharing one interpreter lock.
+        self.applier = applier if applier is not None else shared_pool()
+        # Where layer downloads run: never the layer tasks' pool, so a download never waits for an apply.
+        self.download_executor = download_executor
         # Node limits (None: none): a layer blob larger than max_layer_size is refused before it is fetched;
         # one inflating past max_unpacked_size is stopped mid-apply and its snapshot discarded.
         self.max_layer_size = max_layer_size
@@ -164,7 +263,7 @@ class Unpacker:
         def run(i: int) -> None:
             try:
                 outcomes[i] = self._layer(resolved, i, chains, committed, failed,
-                                          dict(layer_labels(i)) if layer_labels else {})
+                                          dict(layer_labels(i)) if layer_labels else {}, streams.get(i))
                 committed[i].set()
             except OSError as exc:
                 failed.set()
@@ -179,9 +278,12 @@ class Unpacker:
         # Tasks start in layer order and only wait on earlier layers, so the earliest unfinished layer always
         # has a worker: no deadlock whatever the pool size.
         # On a shared FIFO pool the same holds: a task waits only on tasks submitted before it.
+        streams: dict[int, _Stream] = {}
         with contextlib.ExitStack() as stack:
             pool = self.executor if self.executor is not None else stack.enter_context(
                 ThreadPoolExecutor(max_workers=min(self.concurrency, len(layers)), thread_name_prefix="unpack"))
+            stack.callback(_close_all, streams)
+            self._start_downloads(layers, chains, streams, stack)
             futures = [pool.submit(run, i) for i in range(len(layers))]
             errors = []
             for fut in futures:
@@ -195,10 +297,28 @@ class Unpacker:
         done = tuple(o for o in outcomes if o is not None)
         return UnpackResult(chain_id=top, snapshotter=self.snapshotter.name, layers=done)
 
+    def _start_downloads(self, layers: Sequence[Descriptor], chains: list[Digest], streams: dict[int, _Stream],
+                         stack: contextlib.ExitStack) -> None:
+        """Start downloading, in layer order, every layer that will be applied; the layer tasks follow them.
+
+        Only with a fetch function and a local snapshotter (a remote one is asked first whether it provides
+        the layer lazily). A layer over max_layer_size is left to its task, which refuses it."""
+        if self.fetch is None or self.remote:
+            return
+        todo = [i for i, layer in enumerate(layers)
+                if not (self.max_layer_size is not None and layer.size > self.max_layer_size)
+                and not self._snapshot_exists(str(chains[i]))]
+        if not todo:
+            return
+        pool = self.download_executor if self.download_executor is not None else stack.enter_context(
+            ThreadPoolExecutor(max_workers=min(self.concurrency, len(todo)), thread_name_prefix="download"))
+        for i in todo:
+            streams[i] = _Stream(self.fetch, layers[i], pool)
+
     # -- one layer -------------------------------------------------------------------------------------------
 
     def _layer(self, resolved: ResolvedManifest, i: int, chains: list[Digest], committed: list[threading.Event],
-               failed: threading.Event, extra_labels: dict[str, str]) -> LayerOutcome:
+               failed: threading.Event, extra_labels: dict[str, str], stream: _Stream | None) -> LayerOutcome:
         layer = resolved.manifest.layers[i]
         chain = chains[i]
         parent = str(chains[i - 1]) if i else ""
@@ -215,8 +335,8 @@ class Unpacker:
                                 message=f"snapshot {chain.short} exists"))
             return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="exists", fetched=fetched)
         with self._chain_lock(chain):
-            if self._snapshot_exists(str(chain)):
-                fetched = self._ensure_content(layer)
+            if self._snapshot_exists(str(chain)):  # another unpack made it meanwhile
+                fetched = stream.result() if stream is not None else self._ensure_content(layer)
                 return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="exists",
                                     fetched=fetched)
             labels = {SNAPSHOT_REF: str(chain), **inherited_labels(layer.annotations), **extra_labels}
@@ -243,23 +363,26 @@ class Unpacker:
                 return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="unpacked",
                                     fetched=fetched)
 
-            fetched = self._ensure_content(layer)
-            if self.rebase and parent and self._apply_alone(key, parent, layer, resolved.diff_ids[i], labels,
-                                                            lambda: _wait(committed, i - 1, failed)):
+            diff_id = resolved.diff_ids[i]
+            fetched = self._ensure_content(layer) if stream is None else False
+            if self.rebase and parent and self._apply_alone(key, parent, layer, diff_id, labels,
+                                                            lambda: _wait(committed, i - 1, failed), stream):
                 self._commit(str(chain), key, labels, parent=parent)
             else:
                 try:
                     _wait(committed, i - 1, failed)
                     mounts = self._prepare(key, parent, labels)
-                    self._apply_mounted(mounts, layer, resolved.diff_ids[i])
+                    self._apply_mounted(mounts, layer, diff_id, stream)
                     self._commit(str(chain), key, labels)
                 except BaseException:
                     self._discard(key)
                     raise
+            if stream is not None:
+                fetched = stream.result()
         return LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="unpacked", fetched=fetched)
 
     def _apply_alone(self, key: str, parent: str, layer: Descriptor, diff_id: Digest, labels: dict[str, str],
-                     wait_parent: Callable[[], None]) -> bool:
+                     wait_parent: Callable[[], None], stream: _Stream | None) -> bool:
         """Apply a layer into an empty upper dir while its parents are still being applied (rebase at commit).
 
         Returns False, having discarded the attempt, when the layer needs its parents to apply right (an
@@ -269,7 +392,7 @@ class Unpacker:
         try:
             self.snapshotter.prepare(key, "", labels)
             upper = self.snapshotter.upper_dir(key)  # type: ignore[attr-defined]
-            self._apply_into(upper, layer, diff_id, overlay=True, isolated=True)
+            self._apply_into(upper, layer, diff_id, overlay=True, isolated=True, stream=stream)
             wait_parent()
         except NeedsParentsError as exc:
             log.debug("layer %s applies onto its parents: %s", layer.digest, exc)
@@ -311,7 +434,11 @@ class Unpacker:
         return self.fetch(layer)
 
     def _apply_into(self, root: Path, layer: Descriptor, diff_id: Digest, *, overlay: bool,
-                    isolated: bool = False) -> None:
+                    isolated: bool = False, stream: _Stream | None = None) -> None:
+        """Apply ``layer`` under ``root`` from its download as it arrives (``stream``) or from the store.
+
+        Returns once the layer is applied, its diffID verified and — when streamed — its blob committed with
+        the right digest: only then may the snapshot be committed."""
         item = str(layer.digest)
         self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
                             total=layer.size))
@@ -323,23 +450,47 @@ class Unpacker:
             self.on_event(Event(action="apply", status="running", item=item, media_type=layer.media_type,
                                 current=min(compressed, layer.size), total=layer.size))
 
-        with self.content.open(layer.digest) as stream:
-            apply_layer(root, stream, expected_digest=layer.digest, expected_diff_id=diff_id, overlay=overlay,
-                        isolated=isolated, on_progress=progress, max_unpacked_size=self.max_unpacked_size)
+        source = stream.source() if stream is not None else None
+        if source is None:  # in the store already (verified when it was committed: not hashed again)
+            fd, feed = self._blob_fd(layer), None
+        else:
+            fd, feed = source
+        request = ApplyRequest(root=str(root), overlay=overlay, isolated=isolated, expected_diff_id=diff_id,
+                               max_unpacked_size=self.max_unpacked_size)
+        try:
+            self.applier.apply(request, fd, feed=feed, on_progress=progress)
+        except NeedsParentsError:
+            raise  # applied again onto the parents, from the same download
+        except (FeedFailedError, CargoholdError, OSError) as exc:
+            if stream is not None:
+                # A blob that is not what its digest says (a corrupt gzip, a wrong diffID) or a failed
+                # download: the download's own error names the cause.
+                try:
+                    stream.result()
+                except Exception as download_error:
+                    raise download_error from exc
+            raise
+        if stream is not None:
+            stream.result()  # the blob's digest is verified (and the blob committed) before the snapshot
         self.content.update(layer.digest, {UNCOMPRESSED: str(diff_id)})
         self.on_event(Event(action="apply", status="done", item=item, media_type=layer.media_type,
                             current=layer.size, total=layer.size))
 
-    def _apply_mounted(self, mounts: list, layer: Descriptor, diff_id: Digest) -> None:  # type: ignore[type-arg]
+    def _blob_fd(self, layer: Descriptor) -> int:
+        with self.content.open(layer.digest) as f:
+            return os.dup(f.fileno())
+
+    def _apply_mounted(self, mounts: list, layer: Descriptor, diff_id: Digest,  # type: ignore[type-arg]
+                       stream: _Stream | None = None) -> None:
         if len(mounts) == 1 and mounts[0].type == "bind":
             # A bind mount of one directory: apply straight into it, no mount needed.
-            self._apply_into(Path(mounts[0].source), layer, diff_id, overlay=False)
+            self._apply_into(Path(mounts[0].source), layer, diff_id, overlay=False, stream=stream)
             return
         with tempfile.TemporaryDirectory(prefix="cargohold-apply-") as tmp:
             target = Path(tmp)
             mount_all(mounts, target)
             try:
-                self._apply_into(target, layer, diff_id, overlay=False)
+                self._apply_into(target, layer, diff_id, overlay=False, stream=stream)
             finally:
                 unmount(target)
 
@@ -434,6 +585,11 @@ def remove_stale_locks(locks_dir: Path) -> list[str]:
         finally:
             os.close(fd)
     return sorted(removed)
+
+
+def _close_all(streams: dict[int, _Stream]) -> None:
+    for stream in streams.values():
+        stream.close()
 
 
 def _wait(committed: list[threading.Event], index: int, failed: threading.Event) -> None:
