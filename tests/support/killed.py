@@ -7,17 +7,17 @@ import textwrap
 
 KILLED_PULL = textwrap.dedent("""
     import sys, time
-    import cargohold.unpack.unpacker as unpacker
+    from cargohold.diff.worker import ApplyPool
     from cargohold.client import Client
 
-    real = unpacker.apply_layer
+    real = ApplyPool.apply
 
     def slow(*args, **kwargs):
         print("applying", flush=True)  # the parent kills us now, mid-unpack
         time.sleep(60)
         return real(*args, **kwargs)
 
-    unpacker.apply_layer = slow
+    ApplyPool.apply = slow
     Client(sys.argv[1]).pull(sys.argv[2])
 """)
 """Run as ``python -c KILLED_PULL ROOT REF``: prints ``applying`` when the first layer starts applying."""

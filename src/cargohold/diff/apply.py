@@ -162,6 +162,7 @@ def apply_layer(
     write_threads: int | None = None,
     isolated: bool = False,
     max_unpacked_size: int | None = None,
+    layer: Digest | None = None,
 ) -> ApplyResult:
     """Decompress ``compressed`` (a blob stream, read to its end) and apply its tar under ``root``.
 
@@ -183,14 +184,15 @@ def apply_layer(
     hardlink to a file it does not hold, raises NeedsParentsError; the caller then applies it onto its parents.
     ``max_unpacked_size``: the uncompressed bytes the layer may produce; past it LimitExceededError (naming
     the layer and the limit) stops the apply. A full disk (ENOSPC, EDQUOT, EROFS) raises NoSpaceError naming
-    the layer and ``root``.
+    the layer and ``root``. ``layer`` names the blob in messages when ``expected_digest`` is not given.
     """
     root_s = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root_s):
         raise NotFoundError(f"apply target {root_s}: not a directory")
     raw = _Hashing(compressed, expected_digest.algorithm if expected_digest else "sha256")
     stream = decompress_stream(raw)
-    what = f"layer {expected_digest}" if expected_digest is not None else "layer"
+    named = expected_digest if expected_digest is not None else layer
+    what = f"layer {named}" if named is not None else "layer"
     plain = _Hashing(stream, expected_diff_id.algorithm if expected_diff_id else "sha256",
                      limit=max_unpacked_size, what=what)
     progress = None if on_progress is None else (lambda: on_progress(raw.size, plain.size))

@@ -42,6 +42,7 @@ class ApplyRequest:
     expected_digest: Digest | None = None
     max_unpacked_size: int | None = None
     write_threads: int | None = None
+    layer: Digest | None = None  # names the blob in messages (not hashed unless expected_digest)
 
 
 class _Follow:
@@ -80,7 +81,8 @@ class ApplyPool:
             return apply_layer(request.root, _Follow(fd, feed), expected_digest=request.expected_digest,
                                expected_diff_id=request.expected_diff_id, overlay=request.overlay,
                                isolated=request.isolated, on_progress=on_progress,
-                               max_unpacked_size=request.max_unpacked_size, write_threads=request.write_threads)
+                               max_unpacked_size=request.max_unpacked_size, write_threads=request.write_threads,
+                               layer=request.layer)
         finally:
             os.close(fd)
 

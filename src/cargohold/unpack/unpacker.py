@@ -43,6 +43,7 @@ from cargohold.errors import (
     FailedPreconditionError,
     LimitExceededError,
     NeedsParentsError,
+    NoSpaceError,
     NotFoundError,
     is_no_space,
     no_space,
@@ -456,13 +457,13 @@ class Unpacker:
         else:
             fd, feed = source
         request = ApplyRequest(root=str(root), overlay=overlay, isolated=isolated, expected_diff_id=diff_id,
-                               max_unpacked_size=self.max_unpacked_size)
+                               max_unpacked_size=self.max_unpacked_size, layer=layer.digest)
         try:
             self.applier.apply(request, fd, feed=feed, on_progress=progress)
         except NeedsParentsError:
             raise  # applied again onto the parents, from the same download
         except (FeedFailedError, CargoholdError, OSError) as exc:
-            if stream is not None:
+            if stream is not None and not (isinstance(exc, NoSpaceError) or is_no_space(exc)):
                 # A blob that is not what its digest says (a corrupt gzip, a wrong diffID) or a failed
                 # download: the download's own error names the cause.
                 try:
