@@ -240,6 +240,10 @@ class NamespacedWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         return self._local.write(data)
 
+    def digest(self) -> Digest:
+        """See ``LocalWriter.digest``."""
+        return self._local.digest()
+
     def open_reader(self) -> int:
         """See ``LocalWriter.open_reader``."""
         return self._local.open_reader()

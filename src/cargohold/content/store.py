@@ -104,6 +104,10 @@ class Writer(Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> int: ...
 
+    def digest(self) -> Digest:
+        """The digest of the bytes written so far (sha256 unless the expected digest says otherwise)."""
+        ...
+
     def open_reader(self) -> int:
         """A new fd reading the data written so far (and later) from its start; valid after commit."""
         ...

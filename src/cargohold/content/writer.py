@@ -180,6 +180,10 @@ class LocalWriter:
     def closed(self) -> bool:
         return self._fd is None
 
+    def digest(self) -> Digest:
+        """The digest of the bytes written so far (the running hash: nothing is read again)."""
+        return Digest(self._algorithm, self._hasher.copy().hexdigest())
+
     def open_reader(self) -> int:
         """A new file descriptor reading this ingest's data from its start, for a reader that follows the bytes
         as they are written (an apply streaming a layer). It stays valid after ``commit`` renames the file."""

@@ -17,7 +17,6 @@ archive only; an absolute symlink target starts at the archive's root, as in a c
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import posixpath
 import re
@@ -267,16 +266,14 @@ def ingest_unknown(store: ContentStore, reader: BinaryIO, *, name: str, size: in
     """Stream an entry whose digest nobody announced; returns (digest, newly stored, reused blob). A reused
     blob's entry is not stored."""
     ref = f"import-entry-{secrets.token_hex(8)}"
-    hasher = hashlib.sha256()
     on_event(Event(action="import", status="running", item=name, total=size))
     committed = False
     try:
         with store.writer(ref, total=size) as writer:
             for done, chunk in _chunks(reader, size, name):
                 writer.write(chunk)
-                hasher.update(chunk)
                 on_event(Event(action="import", status="running", item=name, current=done, total=size))
-            digest = Digest("sha256", hasher.hexdigest())
+            digest = writer.digest()  # the writer hashed the bytes as they went by: once
             reused = compressed_for(store, digest)
             if reused is None:
                 new = not store.exists(digest)
