@@ -25,7 +25,7 @@ LEVELS = {
     "store": 3, "config": 3,  # the config names each package's defaults; only store, client and cli read it
     "remotes": 2, "images": 2, "unpack": 2,
     "content": 1, "snapshots": 1, "diff": 1,
-    "oci": 0, "metadata": 0, "errors": 0, "grpcserve": 0, "events": 0,
+    "oci": 0, "metadata": 0, "errors": 0, "grpcserve": 0, "events": 0, "stages": 0,
 }
 
 # The two lazy loads of grpc-heavy modules, so that grpc is imported only when it is used.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 
 import click
 
-from cargohold import __version__
+from cargohold import __version__, stages
 from cargohold.cli import archive, images_extra, inspect, login, maintenance, push, referrers, runtime
 from cargohold.cli.common import State, output_option, pass_state, platform_option, unpack_json, with_platforms
 from cargohold.cli.errors import (
@@ -22,7 +23,16 @@ from cargohold.cli.errors import (
     usage_message,
 )
 from cargohold.cli.inspect import show_runtime
-from cargohold.cli.output import emit_json, eprint, human_size, labels_cell, plural, table
+from cargohold.cli.output import (
+    emit_json,
+    eprint,
+    human_size,
+    labels_cell,
+    plural,
+    profile_json,
+    profile_lines,
+    table,
+)
 from cargohold.cli.progress import QUIET_KEY, ProgressRenderer
 from cargohold.client import Client, default_root
 from cargohold.config import find_config, parse_size
@@ -105,23 +115,32 @@ def cli(ctx: click.Context, root: Path | None, namespace: str, hosts_dir: Path |
 @click.option("--no-unpack", is_flag=True, help="Fetch content only; do not unpack layers.")
 @click.option("--snapshotter", default=None, help="Snapshotter to unpack into (overlayfs, native). "
               "Default: overlayfs when the kernel supports it, else native.")
+@click.option("--profile", is_flag=True, help="Print the time spent per stage (resolve, fetch, prepare, inflate, "
+              "hash, extract, wait, commit) on stderr; with --output json also under \"profile\".")
 @output_option
 @pass_state
 def pull(state: State, ref: str, platforms: tuple[str, ...], all_platforms: bool, user: str | None,
-         max_concurrent_downloads: int | None, no_unpack: bool, snapshotter: str | None, output: str) -> None:
+         max_concurrent_downloads: int | None, no_unpack: bool, snapshotter: str | None, profile: bool,
+         output: str) -> None:
     """Fetch an image and its blobs for the platform(s), and unpack it into a snapshotter.
 
     An OCI artifact (an SBOM, a signature: a manifest whose config is no image config) is not a runnable
     image: pull refuses to unpack it with exit status 2 (as for other unsupported media types), before
     fetching its blobs and recording anything; `pull --no-unpack` fetches it.
     """
-    with ProgressRenderer(quiet=output == "json") as progress:
-        client = state.client(user=user, on_event=progress, max_concurrent_downloads=max_concurrent_downloads)
-        result = client.pull(ref, platforms=platforms, all_platforms=all_platforms, unpack=not no_unpack,
-                             snapshotter=snapshotter)
+    with contextlib.ExitStack() as stack:
+        clock = stack.enter_context(stages.profiling()) if profile else None
+        with ProgressRenderer(quiet=output == "json") as progress:
+            client = state.client(user=user, on_event=progress, max_concurrent_downloads=max_concurrent_downloads)
+            result = client.pull(ref, platforms=platforms, all_platforms=all_platforms, unpack=not no_unpack,
+                                 snapshotter=snapshotter)
     unpacked = result.unpack
+    if clock is not None and output != "json":
+        for line in profile_lines(clock):
+            click.echo(line, err=True)
     if output == "json":
         emit_json({
+            **({"profile": profile_json(clock)} if clock is not None else {}),
             "unpack": None if unpacked is None else unpack_json(unpacked),
             "name": result.image.name,
             "digest": str(result.image.target.digest),

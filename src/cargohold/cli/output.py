@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from cargohold.stages import Profile
+
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=_default))
@@ -58,3 +60,21 @@ def eprint(message: str) -> None:
 def plural(count: int, word: str, many: str | None = None) -> str:
     """``1 layer``, ``2 layers``, ``0 layers`` (``many``: an irregular plural, e.g. ``indexes``)."""
     return f"{count} {word if count == 1 else (many or word + 's')}"
+
+
+def profile_lines(profile: Profile) -> list[str]:
+    """``pull --profile``: one line per stage — total seconds (summed over blobs and layers, which overlap),
+    how many, bytes and rate — under the wall time."""
+    lines = [f"profile: {profile.wall():.3f} s wall; stages overlap (downloads, applies on several cores), each "
+             "total is summed over blobs/layers"]
+    for stage, total in profile.totals().items():
+        rate = f", {human_size(int(total.bytes / total.seconds))}/s" if total.bytes and total.seconds > 0 else ""
+        size = f", {human_size(total.bytes)}" if total.bytes else ""
+        lines.append(f"  {stage:<8} {total.seconds:8.3f} s  ({total.count}x{size}{rate})")
+    return lines
+
+
+def profile_json(profile: Profile) -> dict[str, Any]:
+    return {"wall_seconds": round(profile.wall(), 6),
+            "stages": {stage: {"seconds": round(t.seconds, 6), "count": t.count, "bytes": t.bytes}
+                       for stage, t in profile.totals().items()}}

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Protocol, Self
 
+from cargohold import stages
 from cargohold.content.store import Ingester, Writer
 from cargohold.errors import AlreadyExistsError, NoSpaceError, SizeMismatchError, UnavailableError
 from cargohold.oci import mediatypes as mt
@@ -121,6 +122,7 @@ def _download(fetcher: BlobFetcher, writer: Writer, desc: Descriptor, *, labels:
     then commit it."""
     if writer.offset and progress is not None:
         progress(writer.offset, desc.size)
+    began, first = time.perf_counter(), writer.offset
     resumes = 0
     last_progress = time.monotonic()
     while writer.offset < desc.size:
@@ -172,4 +174,6 @@ def _download(fetcher: BlobFetcher, writer: Writer, desc: Descriptor, *, labels:
                     f"{desc.digest}: registry sent {writer.offset} of {desc.size} bytes, then nothing"
                 )
             resumes += 1
-    writer.commit(desc.size, desc.digest, labels=dict(labels) if labels else None)
+    stages.record("fetch", time.perf_counter() - began, nbytes=writer.offset - first)
+    with stages.timed("commit"):  # verify (the running hash), fsync, rename, record
+        writer.commit(desc.size, desc.digest, labels=dict(labels) if labels else None)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from cargohold import stages
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.diff.worker import ApplyPool, shared_pool
 from cargohold.errors import LimitExceededError, UnsupportedMediaTypeError
@@ -84,7 +85,8 @@ def pull(
     if unpack:
         (applier or shared_pool()).prestart()  # worker processes start while the image is resolved
     on_event(Event(action="resolve", status="running", item=str(reference)))
-    _, target = resolver.resolve(reference)
+    with stages.timed("resolve"):
+        _, target = resolver.resolve(reference)
     on_event(Event(action="resolve", status="done", item=str(reference), message=str(target.digest)))
     # A lease keeps what this pull writes safe from garbage collection until the image record exists.
     with store.leases.hold(labels={LEASE_PULL: str(reference)}) as lease:

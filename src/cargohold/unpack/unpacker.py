@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cargohold import stages
 from cargohold.content.store import ContentStore
 from cargohold.diff.worker import ApplyPool, ApplyRequest, Feed, FeedFailedError, shared_pool
 from cargohold.errors import (
@@ -391,7 +392,8 @@ class Unpacker:
         it onto its mounted parents, as containerd always does. On success the parent has been waited for.
         """
         try:
-            self.snapshotter.prepare(key, "", labels)
+            with stages.timed("prepare"):
+                self.snapshotter.prepare(key, "", labels)
             upper = self.snapshotter.upper_dir(key)  # type: ignore[attr-defined]
             self._apply_into(upper, layer, diff_id, overlay=True, isolated=True, stream=stream)
             wait_parent()
@@ -406,7 +408,8 @@ class Unpacker:
 
     def _prepare(self, key: str, parent: str, labels: dict[str, str]) -> list:  # type: ignore[type-arg]
         try:
-            return self.snapshotter.prepare(key, parent, labels)
+            with stages.timed("prepare"):
+                return self.snapshotter.prepare(key, parent, labels)
         except NotFoundError as exc:
             if parent and not self._snapshot_exists(parent):
                 raise _ParentVanished(exc) from exc
@@ -498,10 +501,11 @@ class Unpacker:
     def _commit(self, name: str, key: str, labels: dict[str, str], *, parent: str | None = None) -> None:
         """Commit ``key`` as ``name`` (onto ``parent`` when rebasing); on failure the active key is removed."""
         try:
-            if parent is None:
-                self.snapshotter.commit(name, key, labels)
-            else:
-                self.snapshotter.commit(name, key, labels, parent=parent)  # type: ignore[call-arg]
+            with stages.timed("commit"):
+                if parent is None:
+                    self.snapshotter.commit(name, key, labels)
+                else:
+                    self.snapshotter.commit(name, key, labels, parent=parent)  # type: ignore[call-arg]
         except AlreadyExistsError:
             # Someone committed the same chainID meanwhile (outside our lock, e.g. another tool): reuse theirs.
             self._discard(key)
