@@ -36,7 +36,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cargohold import errors
@@ -64,7 +64,7 @@ class Feed:
         self._cond = threading.Condition()
         self._size: int | None = None
         self._reason: str | None = None
-        self._watch: Callable[[], None] | None = None
+        self._watches: list[Callable[[], None]] = []
 
     def end(self, size: int) -> None:
         self._settle(size, None)
@@ -77,8 +77,8 @@ class Feed:
             if self._size is None and self._reason is None:
                 self._size, self._reason = size, reason
             self._cond.notify_all()
-            watch = self._watch
-        if watch is not None:
+            watches = list(self._watches)
+        for watch in watches:
             watch()
 
     def state(self) -> tuple[int | None, str | None]:
@@ -92,13 +92,17 @@ class Feed:
             if self._size is None and self._reason is None:
                 self._cond.wait(timeout)
 
-    def _set_watch(self, watch: Callable[[], None] | None) -> None:
+    def _watch(self, watch: Callable[[], None]) -> None:
         """Call ``watch`` (outside the lock) when the feed settles, and now if it has. It may run twice."""
         with self._cond:
-            self._watch = watch
+            self._watches.append(watch)
             settled = self._size is not None or self._reason is not None
-        if watch is not None and settled:
+        if settled:
             watch()
+
+    def _unwatch(self, watch: Callable[[], None]) -> None:
+        with self._cond:
+            self._watches.remove(watch)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -351,8 +355,10 @@ class _Worker:
 
     def recv(self, timeout: float) -> Any:
         """The next message, or None when none arrived within ``timeout`` seconds."""
-        ready, _w, _x = select.select([self.sock], [], [], timeout)
-        if not ready:
+        # poll, not select: a long-running server's fds may be numbered past FD_SETSIZE.
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        if not poller.poll(timeout * 1000):
             return None
         msg, fds = _recv(self.sock)
         for fd in fds:
@@ -425,9 +431,12 @@ class ApplyPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             env = dict(os.environ)
-            # The worker imports the same cargohold as we do, however we found it.
+            # The worker imports the same cargohold as we do, also when we found it through a sys.path entry
+            # added at run time (a source checkout); an installed one (site-packages) it finds by itself, and
+            # putting site-packages ahead of the standard library would be wrong.
             top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (top, env.get("PYTHONPATH", "")) if p)
+            if not os.path.basename(top).endswith("-packages"):
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (top, env.get("PYTHONPATH", "")) if p)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cargohold.diff.worker", str(theirs.fileno()), str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env)
@@ -534,6 +543,7 @@ class ApplyPool:
         apply stops at once (the worker is killed and later replaced) and that exception propagates.
         Errors from the apply arrive as the same ``cargohold.errors`` kind (or OSError) with the same message.
         """
+        request = replace(request, root=os.path.abspath(request.root))  # the worker's cwd may differ
         if self.processes == 0:
             try:
                 return _apply_here(request, fd, feed, on_progress)
@@ -549,6 +559,12 @@ class ApplyPool:
             self._seq += 1
             seq = self._seq
         settled = False  # the worker answered and stays usable
+        watching: Feed | None = None
+
+        def tell() -> None:
+            if watching is not None:
+                self._tell(worker, seq, watching)
+
         try:
             try:
                 worker.send(("apply", seq, request, feed is not None,
@@ -559,7 +575,8 @@ class ApplyPool:
             finally:
                 os.close(fd)
             if feed is not None:
-                feed._set_watch(lambda: self._tell(worker, seq, feed))
+                watching = feed
+                feed._watch(tell)
             done = (0, 0)
             while True:
                 try:
@@ -587,8 +604,8 @@ class ApplyPool:
                     settled = True
                     raise _decode_error(msg[1], where)
         finally:
-            if feed is not None:
-                feed._set_watch(None)
+            if watching is not None:
+                watching._unwatch(tell)
             if settled:
                 self._release(worker)
             elif worker.proc.returncode is None:
