@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from tests.treeutil import expected_tree, inode_groups, read_tree
 
+import test_rootless
 from cargohold.devtools.samples import Entry, gzip_bytes, random_files, tar_layer, zstd_bytes
 from cargohold.diff.apply import ApplyResult, apply_layer
 from cargohold.diff.worker import ApplyPool, ApplyRequest, Feed
@@ -529,3 +530,44 @@ def test_apply_layer_without_expected_digest_does_not_hash_the_blob(tmp_path: Pa
         result = apply_layer(fresh(tmp_path / "root"), src, expected_diff_id=sha(tar))
     assert (result.digest, result.diff_id, result.size_compressed) == (None, sha(tar), len(blob))
 
+
+
+# The rootless tests' world-readable copy of the code and a home for the unprivileged user.
+world_readable_code = test_rootless.world_readable_code
+user_home = test_rootless.user_home
+
+AS_USER = textwrap.dedent("""
+    import logging, os, sys
+    logging.basicConfig(format="%(name)s %(levelname)s %(message)s")
+    from cargohold.diff.worker import ApplyPool, ApplyRequest
+
+    pool = ApplyPool(1)
+    result = pool.apply(ApplyRequest(root=sys.argv[2], overlay=False), os.open(sys.argv[1], os.O_RDONLY))
+    (pid,) = pool.pids()
+    with open(f"/proc/{pid}/status") as f:
+        uid = next(line.split()[1] for line in f if line.startswith("Uid:"))
+    print(result.entries, uid, flush=True)
+    pool.close()
+""")
+
+
+def test_workers_run_as_the_calling_user(world_readable_code: Path, user_home: Path) -> None:
+    blob = gzip_bytes(tar_layer([Entry(path="srv", kind="dir", mode=0o755, uid=1000, gid=1000),
+                                 Entry(path="srv/app", data=b"app", mode=0o640, uid=1000, gid=1000)]))
+    (user_home / "blob").write_bytes(blob)
+    os.chmod(user_home / "blob", 0o644)
+    root = user_home / "root"
+    root.mkdir()
+    os.chown(root, test_rootless.UID, test_rootless.GID)
+    env = {"HOME": str(user_home), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "PYTHONPATH": f"{world_readable_code / 'src'}:{world_readable_code / 'site'}",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    drop = (["setpriv", f"--reuid={test_rootless.UID}", f"--regid={test_rootless.GID}", "--clear-groups"]
+            if ROOT else [])
+    proc = subprocess.run([*drop, test_rootless.SYSTEM_PYTHON, "-c", AS_USER, str(user_home / "blob"), str(root)],
+                          env=env, cwd=user_home, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", str(test_rootless.UID)]
+    assert "cargohold.diff.attrs WARNING not root: tar owners not applied" in proc.stderr
+    st = (root / "srv" / "app").stat()
+    assert ((root / "srv" / "app").read_bytes(), st.st_uid, st.st_mode & 0o777) == (b"app", test_rootless.UID, 0o640)
