@@ -571,3 +571,20 @@ def test_workers_run_as_the_calling_user(world_readable_code: Path, user_home: P
     assert "cargohold.diff.attrs WARNING not root: tar owners not applied" in proc.stderr
     st = (root / "srv" / "app").stat()
     assert ((root / "srv" / "app").read_bytes(), st.st_uid, st.st_mode & 0o777) == (b"app", test_rootless.UID, 0o640)
+
+
+def test_an_idle_worker_that_died_is_replaced(tmp_path: Path) -> None:
+    p = ApplyPool(1)
+    try:
+        blob = gzip_bytes(tar_layer([Entry(path="f", data=b"x")]))
+        p.apply(ApplyRequest(root=str(fresh(tmp_path / "r1")), overlay=False), blob_fd(tmp_path, blob))
+        (first,) = p.pids()
+        os.kill(first, signal.SIGKILL)
+        while alive(first):
+            time.sleep(0.01)
+        again = p.apply(ApplyRequest(root=str(fresh(tmp_path / "r2")), overlay=False), blob_fd(tmp_path, blob))
+        assert again.entries == 1
+        (second,) = p.pids()
+        assert second != first and children() == [second]
+    finally:
+        p.close()

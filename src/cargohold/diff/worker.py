@@ -496,6 +496,13 @@ class ApplyPool:
             self._start().add_done_callback(lambda f: self._started(f, idle=True))
 
     def _acquire(self) -> _Worker:
+        while True:
+            worker = self._pick()
+            if worker.proc.poll() is None:
+                return worker
+            self._discard(worker)  # died while idle (OOM killer, kill): replaced, not handed an apply to fail
+
+    def _pick(self) -> _Worker:
         with self._cond:
             while True:
                 if self._closed:
