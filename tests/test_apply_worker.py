@@ -429,13 +429,19 @@ def test_close_leaves_no_child_process(tmp_path: Path) -> None:
 
 
 KILLED_PARENT = textwrap.dedent("""
-    import os, sys
+    import os, subprocess, sys
     from cargohold.diff.worker import ApplyPool, ApplyRequest, Feed
 
     pool = ApplyPool(1)
+    holder = []
 
     def progress(c, u):
-        print(pool.pids()[0], flush=True)  # the test kills us now, mid-apply
+        if c and not holder:  # the worker is applying
+            # Another process keeps the worker's socket open: our death gives the worker no EOF, only
+            # PR_SET_PDEATHSIG can end it.
+            (worker,) = pool._all
+            holder.append(subprocess.Popen(["sleep", "60"], pass_fds=[worker.sock.fileno()]))
+            print(worker.pid, holder[0].pid, flush=True)  # the test kills us now, mid-apply
 
     pool.apply(ApplyRequest(root=sys.argv[2], overlay=False), os.open(sys.argv[1], os.O_RDONLY), feed=Feed(),
                on_progress=progress)
@@ -449,14 +455,17 @@ def test_kill_9_of_the_parent_leaves_no_worker(tmp_path: Path) -> None:
     parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(tmp_path / "stalled"),
                                str(fresh(tmp_path / "root"))], stdout=subprocess.PIPE, env=env, text=True)
     assert parent.stdout is not None
-    worker = int(parent.stdout.readline())
-    assert alive(worker)
-    parent.kill()
-    parent.wait()
-    deadline = time.monotonic() + 5
-    while alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not alive(worker)
+    worker, holder = map(int, parent.stdout.readline().split())
+    try:
+        assert alive(worker)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not alive(worker)
+    finally:
+        os.kill(holder, signal.SIGKILL)
 
 
 def _counts(want: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
