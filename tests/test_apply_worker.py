@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import re
@@ -62,12 +63,20 @@ def fresh(path: Path) -> Path:
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie awaiting its reaper counts as gone)."""
+    """Whether ``pid`` runs: a zombie awaiting its reaper counts as gone, but not while some of its threads
+    still exit (the group leader shows Z before the process can be reaped)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] != "Z":
+                    return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def children() -> list[int]:
@@ -597,3 +606,18 @@ def test_an_idle_worker_that_died_is_replaced(tmp_path: Path) -> None:
         assert second != first and children() == [second]
     finally:
         p.close()
+
+
+def test_a_pool_dropped_without_close_leaves_no_thread_or_worker(tmp_path: Path) -> None:
+    p = ApplyPool(1)
+    blob = gzip_bytes(tar_layer([Entry(path="f", data=b"x")]))
+    p.apply(ApplyRequest(root=str(fresh(tmp_path / "root")), overlay=False), blob_fd(tmp_path, blob))
+    (pid,) = p.pids()
+    del p
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while (alive(pid) or any(t.name == "apply-pool-spawner" for t in threading.enumerate())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not alive(pid)
+    assert not any(t.name == "apply-pool-spawner" for t in threading.enumerate())

@@ -392,6 +392,41 @@ class _Worker:
             self.proc.wait()
 
 
+def _spawn_loop(spawns: queue.SimpleQueue[Future[_Worker] | None]) -> None:
+    """A pool's spawner thread. Every worker is started from it: PR_SET_PDEATHSIG fires when the *thread*
+    that started a child ends, so a caller's short-lived thread must not be the one. It holds no reference
+    to the pool: a pool dropped without close() is collected, and its finalizer ends this thread."""
+    while True:
+        fut = spawns.get()
+        if fut is None:
+            return
+        try:
+            fut.set_result(_start_process())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            fut.set_exception(exc)
+
+
+def _start_process() -> _Worker:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = dict(os.environ)
+        # The worker imports the same cargohold as we do, also when we found it through a sys.path entry
+        # added at run time (a source checkout); an installed one (site-packages) it finds by itself, and
+        # putting site-packages ahead of the standard library would be wrong.
+        top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if not os.path.basename(top).endswith("-packages"):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (top, env.get("PYTHONPATH", "")) if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cargohold.diff.worker", str(theirs.fileno()), str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return _Worker(proc, ours)
+
+
 _POOLS: weakref.WeakSet[ApplyPool] = weakref.WeakSet()
 
 
@@ -422,46 +457,15 @@ class ApplyPool:
 
     # --- processes
 
-    def _spawn_loop(self, spawns: queue.SimpleQueue[Future[_Worker] | None]) -> None:
-        # Every worker is started from this thread: PR_SET_PDEATHSIG fires when the *thread* that started a
-        # child ends, so a caller's short-lived thread must not be the one.
-        while True:
-            fut = spawns.get()
-            if fut is None:
-                return
-            try:
-                fut.set_result(self._start_process())
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-                fut.set_exception(exc)
-
-    def _start_process(self) -> _Worker:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            env = dict(os.environ)
-            # The worker imports the same cargohold as we do, also when we found it through a sys.path entry
-            # added at run time (a source checkout); an installed one (site-packages) it finds by itself, and
-            # putting site-packages ahead of the standard library would be wrong.
-            top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            if not os.path.basename(top).endswith("-packages"):
-                env["PYTHONPATH"] = os.pathsep.join(p for p in (top, env.get("PYTHONPATH", "")) if p)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cargohold.diff.worker", str(theirs.fileno()), str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        return _Worker(proc, ours)
-
     def _start(self) -> Future[_Worker]:
         fut: Future[_Worker] = Future()
         with self._cond:
             if self._spawns is None:
                 self._spawns = queue.SimpleQueue()
-                self._spawner = threading.Thread(target=self._spawn_loop, args=(self._spawns,),
+                self._spawner = threading.Thread(target=_spawn_loop, args=(self._spawns,),
                                                  name="apply-pool-spawner", daemon=True)
                 self._spawner.start()
+                weakref.finalize(self, self._spawns.put, None)
             self._spawns.put(fut)
         return fut
 
