@@ -477,14 +477,12 @@ def test_kill_9_of_the_parent_leaves_no_worker(tmp_path: Path) -> None:
         os.kill(holder, signal.SIGKILL)
 
 
-def _counts(want: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
-    """(fds, threads, child processes); waits up to 2 s for ``want`` (a joined thread takes a moment to exit)."""
+def _counts() -> tuple[int, int, int]:
+    """(fds, OS threads, child processes), once every joined thread has also left the kernel."""
     deadline = time.monotonic() + 2
-    while True:
-        got = len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task")), len(children())
-        if want is None or got == want or time.monotonic() > deadline:
-            return got
+    while len(os.listdir("/proc/self/task")) > threading.active_count() and time.monotonic() < deadline:
         time.sleep(0.01)
+    return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task")), len(children())
 
 
 def test_fds_threads_and_processes_stay_flat_over_many_applies(tmp_path: Path, pool: ApplyPool) -> None:
@@ -493,7 +491,7 @@ def test_fds_threads_and_processes_stay_flat_over_many_applies(tmp_path: Path, p
     (tmp_path / "blob").write_bytes(blob)
 
     def one(i: int) -> None:
-        root = fresh(tmp_path / f"root{i % 2}")
+        root = fresh(tmp_path / f"root{i % 3}")
         fd = os.open(tmp_path / "blob", os.O_RDONLY)
         request = ApplyRequest(root=str(root), overlay=False,
                                expected_diff_id=sha(tar) if i % 10 else sha(b"wrong"))
@@ -507,19 +505,20 @@ def test_fds_threads_and_processes_stay_flat_over_many_applies(tmp_path: Path, p
             with pytest.raises(DigestMismatchError):
                 pool.apply(request, fd, feed=feed)
 
-    def two_at_once(i: int) -> None:
-        t = threading.Thread(target=one, args=(i,))
-        t.start()
-        one(i + 1)
-        t.join()
+    def three_at_once(i: int) -> None:  # on two workers: one waits for the first to be free
+        threads = [threading.Thread(target=one, args=(i + k,)) for k in (1, 2)]
+        for t in threads:
+            t.start()
+        one(i)
+        for t in threads:
+            t.join()
 
-    for i in range(0, 20, 2):
-        two_at_once(i)
+    for i in range(0, 30, 3):
+        three_at_once(i)
     before = _counts()
-    before = _counts((before[0], before[1] - 1, before[2]))  # a helper thread may still be exiting
-    for i in range(0, 200, 2):
-        two_at_once(i)
-    assert _counts(before) == before
+    for i in range(0, 210, 3):
+        three_at_once(i)
+    assert _counts() == before
     assert before[2] == 2
 
 

@@ -62,7 +62,9 @@ class Feed:
     """The writer's side of a blob file an apply follows while it is written. Thread-safe; never blocks.
 
     ``end(size)``: the file is complete and verified, exactly ``size`` bytes. ``fail(reason)``: it will not be
-    completed as is; the apply raises FeedFailedError naming ``reason``. The first call wins."""
+    completed as is; the apply raises FeedFailedError naming ``reason``. The first call wins. The file must only
+    grow by appends: a writer that truncates or rewrites what it wrote (a restarted download) fails the feed
+    and starts a new apply. Several applies may follow one feed."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
