@@ -31,7 +31,10 @@ from cargohold.errors import (
     FeedFailedError,
     LimitExceededError,
     NeedsParentsError,
+    NoSpaceError,
+    NotFoundError,
     UnsafePathError,
+    is_no_space,
 )
 from cargohold.oci.digest import Digest
 
@@ -620,3 +623,40 @@ def test_a_pool_dropped_without_close_leaves_no_thread_or_worker(tmp_path: Path)
         time.sleep(0.01)
     assert not alive(pid)
     assert not any(t.name == "apply-pool-spawner" for t in threading.enumerate())
+
+
+def test_missing_root_and_full_disk_errors_cross_too(tmp_path: Path, pool: ApplyPool) -> None:
+    blob = gzip_bytes(tar_layer([Entry(path="big", data=bytes(range(256)) * 4096)]))  # 1 MiB
+    missing = str(tmp_path / "missing")
+    errs = []
+    for p in (ApplyPool(0), pool):
+        with pytest.raises(NotFoundError) as info:
+            p.apply(ApplyRequest(root=missing, overlay=False), blob_fd(tmp_path, blob))
+        errs.append(str(info.value))
+    assert errs[0] == errs[1] == f"apply target {missing}: not a directory"
+    if not ROOT:
+        return
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        errs = []
+        for p in (ApplyPool(0), pool):
+            fresh(small / "root")
+            with pytest.raises(NoSpaceError) as info:
+                p.apply(ApplyRequest(root=str(small / "root"), overlay=False), blob_fd(tmp_path, blob))
+            errs.append(str(info.value))
+        assert errs[0] == errs[1] and f"into {small / 'root'}: No space left on device" in errs[1]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+def test_other_exceptions_become_cargohold_errors_naming_their_type() -> None:
+    from cargohold.diff.worker import _decode_error, _encode_error
+
+    exc = _decode_error(_encode_error(ValueError("bad value")), "layer apply into /r")
+    assert type(exc) is CargoholdError and str(exc) == "layer apply into /r: builtins.ValueError: bad value"
+    os_exc = _decode_error(_encode_error(FileNotFoundError(errno.ENOENT, "No such file", "/r/x")), "w")
+    assert type(os_exc) is FileNotFoundError and not is_no_space(os_exc)
+    full = _decode_error(_encode_error(OSError(errno.ENOSPC, "No space left on device", "/r/y")), "w")
+    assert isinstance(full, OSError) and is_no_space(full) and (full.errno, full.filename) == (errno.ENOSPC, "/r/y")
