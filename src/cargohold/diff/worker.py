@@ -7,8 +7,8 @@ resource tracker) so overlapping applies use every core. The blob's fd is passed
 (``SCM_RIGHTS``): the file may be renamed (committed) meanwhile, the fd keeps reading it.
 
 With a ``Feed`` the blob file is still being written (a download streaming into the content store's ingest
-file): the apply reads up to the file's current end and waits there (2 ms polls, woken at once by
-``Feed.end``/``Feed.fail``), so one pass both stores and applies a layer and the writer hashes the
+file): the apply reads up to the file's current end and waits there (polls from 2 ms backing off to 32 ms,
+woken at once by ``Feed.end``/``Feed.fail``), so one pass both stores and applies a layer and the writer hashes the
 compressed bytes once; the apply hashes them again only when an ``expected_digest`` is given.
 
 Messages are pickles, each prefixed with its length (only our own processes are on either side).
@@ -285,7 +285,7 @@ def _worker_main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group; the parent decides
     sock_fd, parent = int(argv[1]), int(argv[2])
     _die_with_parent()
-    if os.getppid() != parent:  # it ended before prctl took effect
+    if os.getppid() != parent:  # our parent died while we started, before prctl: we were reparented
         os._exit(0)
     sock = socket.socket(fileno=sock_fd)
     lock = threading.Lock()
