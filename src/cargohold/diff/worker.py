@@ -7,9 +7,9 @@ resource tracker) so overlapping applies use every core. The blob's fd is passed
 (``SCM_RIGHTS``): the file may be renamed (committed) meanwhile, the fd keeps reading it.
 
 With a ``Feed`` the blob file is still being written (a download streaming into the content store's ingest
-file): the apply reads up to the file's current end and waits there (polls from 2 ms backing off to 32 ms,
-woken at once by ``Feed.end``/``Feed.fail``), so one pass both stores and applies a layer and the writer hashes the
-compressed bytes once; the apply hashes them again only when an ``expected_digest`` is given.
+file): the apply reads up to the file's current end and waits there (polls from 2 ms backing off to 32
+ms, woken at once by ``Feed.end``/``Feed.fail``), so one pass both stores and applies a layer and the writer
+hashes the compressed bytes once; the apply hashes them again only when an ``expected_digest`` is given.
 
 Messages are pickles, each prefixed with its length (only our own processes are on either side).
 Worker -> parent: ``progress``, ``log`` (records re-emitted by the parent's ``logging``), ``result`` or
