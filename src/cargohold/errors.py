@@ -57,6 +57,11 @@ def no_space(exc: OSError, operation: str, path: object) -> NoSpaceError:
     return NoSpaceError(f"{operation} into {path}: {os.strerror(exc.errno or errno.ENOSPC)} (free space and retry)")
 
 
+class FeedFailedError(UnavailableError):
+    """A blob file an apply was following while it was written will not be completed (its download failed
+    or was cut short); the apply stopped. Names the reason."""
+
+
 class LimitExceededError(FailedPreconditionError):
     """A layer is larger, or inflates larger, than a limit the node set (max_layer_size, max_unpacked_size)."""
 

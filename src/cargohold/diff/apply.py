@@ -36,9 +36,12 @@ _PREFETCH_DEPTH = 8  # decompressed chunks buffered ahead of the extractor
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApplyResult:
-    """What was applied: the blob's digest and size, and the uncompressed tar's digest (diffID) and size."""
+    """What was applied: the blob's digest and size, and the uncompressed tar's digest (diffID) and size.
 
-    digest: Digest
+    ``digest`` is None when no ``expected_digest`` was given: the compressed bytes were then not hashed
+    (their writer hashed them already)."""
+
+    digest: Digest | None
     diff_id: Digest
     size_compressed: int
     size_uncompressed: int
@@ -75,6 +78,25 @@ class _Hashing:
 
     def digest(self) -> Digest:
         return Digest(self.hash.name, self.hash.hexdigest())
+
+
+class _Counting:
+    """Passes ``read`` through, counting the bytes: the compressed stream when no digest is asked for."""
+
+    __slots__ = ("_src", "size")
+
+    def __init__(self, src: Readable) -> None:
+        self._src = src
+        self.size = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._src.read(size)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
 
 
 class _Prefetch:
@@ -171,7 +193,8 @@ def apply_layer(
     devices, opaque markers ``trusted.overlay.opaque=y``).
 
     Raises DigestMismatchError (expected and actual digest in the message) when the blob does not hash to
-    ``expected_digest`` or its uncompressed bytes to ``expected_diff_id``; UnsafePathError naming the entry
+    ``expected_digest`` (without one the compressed bytes are not hashed at all and the result's ``digest``
+    is None) or its uncompressed bytes to ``expected_diff_id``; UnsafePathError naming the entry
     for any attempt to write outside ``root``; InvalidArgumentError for a corrupt stream or tar. After any
     error ``root`` is dirty — partially written, possibly with a wrong layer — and must be discarded by the
     caller.
@@ -189,7 +212,9 @@ def apply_layer(
     root_s = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root_s):
         raise NotFoundError(f"apply target {root_s}: not a directory")
-    raw = _Hashing(compressed, expected_digest.algorithm if expected_digest else "sha256")
+    # The compressed bytes are hashed only when asked: a blob streamed from the store's writer was hashed there.
+    raw: _Hashing | _Counting = (
+        _Hashing(compressed, expected_digest.algorithm) if expected_digest is not None else _Counting(compressed))
     stream = decompress_stream(raw)
     named = expected_digest if expected_digest is not None else layer
     what = f"layer {named}" if named is not None else "layer"
@@ -218,7 +243,7 @@ def apply_layer(
         extractor.close()
         source.close()
     raw.drain()  # and compressed bytes after the last member/frame are part of the blob digest
-    digest = raw.digest()
+    digest = raw.digest() if isinstance(raw, _Hashing) else None
     diff_id = plain.digest()
     if expected_digest is not None and digest != expected_digest:
         raise DigestMismatchError(expected_digest, digest,
@@ -226,7 +251,7 @@ def apply_layer(
     if expected_diff_id is not None and diff_id != expected_diff_id:
         raise DigestMismatchError(
             expected_diff_id, diff_id,
-            what=f"layer {digest} uncompressed (diffID; applied under {root_s}, now dirty)",
+            what=f"{what} uncompressed (diffID; applied under {root_s}, now dirty)",
         )
     return ApplyResult(digest=digest, diff_id=diff_id, size_compressed=raw.size, size_uncompressed=plain.size,
                        compression=stream.compression, entries=extractor.entries)
