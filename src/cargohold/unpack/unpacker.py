@@ -37,11 +37,12 @@ from typing import Protocol
 
 from cargohold import stages
 from cargohold.content.store import ContentStore
-from cargohold.diff.worker import ApplyPool, ApplyRequest, Feed, FeedFailedError, shared_pool
+from cargohold.diff.worker import ApplyPool, ApplyRequest, Feed, shared_pool
 from cargohold.errors import (
     AlreadyExistsError,
     CargoholdError,
     FailedPreconditionError,
+    FeedFailedError,
     LimitExceededError,
     NeedsParentsError,
     NoSpaceError,
