@@ -368,7 +368,7 @@ def test_raising_on_progress_kills_the_worker_and_the_pool_goes_on(tmp_path: Pat
     with pytest.raises(CancelledError, match="pull cancelled"):
         pool.apply(ApplyRequest(root=str(fresh(tmp_path / "root")), overlay=False), fd, feed=feed,
                    on_progress=progress)
-    assert time.monotonic() - cancelled_at[0] < 0.5
+    assert time.monotonic() - cancelled_at[0] < 2.0
     assert len(pids) == 1 and not alive(pids[0]) and pool.pids() == [] and children() == []
     blob = gzip_bytes(tar_layer([Entry(path="after", data=b"ok")]))
     after = pool.apply(ApplyRequest(root=str(fresh(tmp_path / "r2")), overlay=False), blob_fd(tmp_path, blob))
