@@ -23,9 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from cargohold.diff.tarstream import TarEntry
 
-# (absolute path, entry, data); the writer returns False when the path already exists.
-Item = tuple[str, TarEntry, memoryview]
-WriteFn = Callable[[str, TarEntry, memoryview], bool]
+# (absolute path, entry, data, chown needed); the writer returns False when the path already exists.
+Item = tuple[str, TarEntry, memoryview, bool]
+WriteFn = Callable[[str, TarEntry, memoryview, bool], bool]
 
 _BATCH = 48  # files per task: amortises the executor's per-task cost
 _MAX_BATCHES = 16  # queued batches before the reader waits: bounds memory held by views
@@ -53,10 +53,10 @@ class FileWriters:
         self._deferred: list[Item] = []
         self.pending: set[str] = set()  # paths queued or being written, until the next flush
 
-    def submit(self, path: str, e: TarEntry, data: memoryview) -> bool:
+    def submit(self, path: str, e: TarEntry, data: memoryview, chown: bool) -> bool:
         """Write the file now or queue it. False: written inline, found its path taken, did nothing."""
         if self._parallel and not self._sampling:
-            self._batch.append((path, e, data))
+            self._batch.append((path, e, data, chown))
             self.pending.add(path)
             if len(self._batch) >= _BATCH:
                 self._dispatch()
@@ -65,7 +65,7 @@ class FileWriters:
                 self._sampling = self._until_sample <= 0
             return True
         start = time.perf_counter()
-        done = self._write(path, e, data)
+        done = self._write(path, e, data, chown)
         self._window_t += time.perf_counter() - start
         self._window_n += 1
         if self._window_n >= _SAMPLE:
