@@ -181,3 +181,23 @@ def test_files_that_already_have_their_owner_and_mode_cost_no_chown_or_chmod(tmp
     assert owner_mode(root / "a/sg/root") == (0, 0, 0o644)
     assert owner_mode(root / "a/sg/g0") == (0, 50, 0o644)
     assert owner_mode(root / "a/suid") == (0, 0, 0o4755)
+
+
+@pytest.mark.parametrize("threads", [4, 0], ids=["threads", "inline"])
+def test_a_directory_made_setgid_after_files_were_queued_in_it(tmp_path: Path, threads: int) -> None:
+    # Files queued for the writer threads were judged under the directory's old state: a later entry for the
+    # same directory (a new gid and the setgid bit) must not change what they end up with.
+    many = [f(f"x/a{i}", b"a") for i in range(100)] + [f(f"x/b{i}", b"b", gid=50) for i in range(100)]
+    entries = [d("x"), *many, d("x", mode=0o2775, gid=50), f("x/late", b"l"), f("x/late-g", b"l", gid=50),
+               d("x", mode=0o755, gid=0), f("x/later", b"l"), f("x/later-g", b"l", gid=50)]
+    tar = make_layer(entries)
+    ours, gnu = tmp_path / "ours", tmp_path / "gnu"
+    ours.mkdir()
+    gnu.mkdir()
+    apply_layer(ours, io.BytesIO(tar), overlay=False, write_threads=threads)
+    gnu_tar(tar, gnu, tmp_path)
+    assert_same_tree(gnu, ours)
+    assert owner_mode(ours / "x/a0")[:2] == (0, 0)
+    assert owner_mode(ours / "x/b99")[:2] == (0, 50)
+    assert owner_mode(ours / "x/late")[:2] == (0, 0)
+    assert owner_mode(ours / "x/later-g")[:2] == (0, 50)

@@ -48,7 +48,7 @@ OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SMALL = 1 << 20  # files up to this size are written from one buffer view
 _EMPTY = memoryview(b"")
-_UNKNOWN = -1  # _new_gid: a directory not looked at yet
+_UNKNOWN = -1  # Extractor._setgid: a directory not looked at yet
 
 
 def _has_meta_component(path: str) -> bool:
@@ -349,6 +349,11 @@ class Extractor:
                   st: os.stat_result | None = None) -> None:
         """The entry's metadata on directory ``path`` (``rel`` under the root, in directory ``parent``):
         ``fresh`` when we just made it, ``st`` its lstat from before when it existed."""
+        if not fresh and self._writers is not None and self._writers.pending and (
+                st is None or (st.st_gid if st.st_mode & stat.S_ISGID else None)
+                != (e.gid if e.mode & stat.S_ISGID else None)):
+            # Queued files in it were judged by the gid their create gets now: they must land first.
+            self._flush()
         if fresh:
             # mkdir gave it our uid and the parent's new-inode gid, and the parent's setgid bit if it has one.
             inherited = self._setgid_of(parent)
