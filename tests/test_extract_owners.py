@@ -14,11 +14,13 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cargohold.diff import apply_layer, compare_trees, snapshot_tree
+from cargohold.diff.attrs import create_owner_rule
 from support_layers import LayerEntry, d, f, make_layer, symlink
 
 ROOT = os.geteuid() == 0
@@ -156,6 +158,8 @@ def test_native_apply_onto_existing_setgid_parents_matches_gnu_tar(tmp_path: Pat
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_files_that_already_have_their_owner_and_mode_cost_no_chown_or_chmod(tmp_path: Path) -> None:
+    if create_owner_rule(os.fspath(tmp_path)) != "sysv":
+        pytest.skip("the temporary directory is not on a filesystem with known owner rules")
     n = 50
     entries = [d("a"), d("a/sg", mode=0o2755, gid=50)]
     entries += [f(f"a/f{i}", b"x" * i) for i in range(n)]  # 0:0 0644: exactly what the create gives
@@ -201,3 +205,43 @@ def test_a_directory_made_setgid_after_files_were_queued_in_it(tmp_path: Path, t
     assert owner_mode(ours / "x/b99")[:2] == (0, 50)
     assert owner_mode(ours / "x/late")[:2] == (0, 0)
     assert owner_mode(ours / "x/later-g")[:2] == (0, 50)
+
+
+@pytest.fixture
+def grpid_fs(tmp_path: Path) -> Iterator[Path]:
+    """A small ext4 mounted with ``grpid``: new inodes take their directory's gid, setgid or not."""
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs mkfs.ext4")
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", os.fspath(image)], check=True)
+    subprocess.run(["mount", "-o", "loop,grpid", os.fspath(image), os.fspath(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", os.fspath(mnt)], check=True)
+
+
+def test_owner_rules_are_read_from_the_mount() -> None:
+    assert create_owner_rule("/proc/self") is None  # not a filesystem whose creates we may trust
+    assert create_owner_rule("/dev/shm") in ("sysv", None)  # tmpfs when mounted (a container may not)
+
+
+@pytest.mark.parametrize("threads", [4, 0], ids=["threads", "inline"])
+def test_grpid_mount_new_files_take_the_directory_gid_and_still_end_as_gnu_tar(grpid_fs: Path, tmp_path: Path,
+                                                                              threads: int) -> None:
+    assert create_owner_rule(os.fspath(grpid_fs)) == "bsd"
+    tar = make_layer(owners_layer() + [d("g70", mode=0o755, gid=70), f("g70/root-file", b"x"),
+                                       f("g70/g70", b"x", gid=70), d("g70/sub", mode=0o750)])
+    ours, gnu = grpid_fs / "ours", grpid_fs / "gnu"
+    ours.mkdir()
+    gnu.mkdir()
+    apply_layer(ours, io.BytesIO(tar), overlay=False, write_threads=threads)
+    gnu_tar(tar, gnu, tmp_path)
+    assert_same_tree(gnu, ours)
+    assert owner_mode(ours / "g70/root-file") == (0, 0, 0o644)
+    assert owner_mode(ours / "g70/g70") == (0, 70, 0o644)
+    assert owner_mode(ours / "g70/sub") == (0, 0, 0o750)
+    assert owner_mode(ours / "sg/plain") == (0, 0, 0o755)

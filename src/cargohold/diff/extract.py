@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable
 
 from cargohold.diff import sparse
-from cargohold.diff.attrs import Owners, drop_stale_xattrs, entry_times, read_umask, set_xattrs
+from cargohold.diff.attrs import Owners, create_owner_rule, drop_stale_xattrs, entry_times, read_umask, set_xattrs
 from cargohold.diff.paths import Resolver, clean_name
 from cargohold.diff.removal import remove_tree
 from cargohold.diff.tarstream import BLK, CHR, DIR, FIFO, LNK, REG, SYM, TarEntry, TarReader
@@ -48,7 +48,6 @@ OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SMALL = 1 << 20  # files up to this size are written from one buffer view
 _EMPTY = memoryview(b"")
-_UNKNOWN = -1  # Extractor._setgid: a directory not looked at yet
 
 
 def _has_meta_component(path: str) -> bool:
@@ -92,12 +91,15 @@ class Extractor:
         self._open: set[str] = set()
         self._devices_skipped: list[TarEntry] = []
         self._keep_bits = 0o777 & ~read_umask()  # mode bits a create keeps; others need a chmod
-        # Owner of what we create: uid, and gid unless the directory is setgid (then the directory's gid).
+        # Owner of what we create: our uid, and our gid unless the directory is setgid (then the directory's
+        # gid) — on filesystems known to follow that rule ("sysv"; "bsd": always the directory's gid); None:
+        # unknown, every owner is set explicitly.
+        self._rule = create_owner_rule(root)
         self._uid = os.geteuid()
         self._gid = os.getegid()
-        # Real directory path -> the gid of inodes created in it if it is setgid, else None. Entries are
-        # updated when this layer sets a directory's metadata and dropped when directories are removed.
-        self._setgid: dict[str, int | None] = {}
+        # Real directory path -> (gid an inode created in it gets, whether a directory made in it inherits the
+        # setgid bit). Updated when this layer sets a directory's metadata, dropped when directories go.
+        self._dir_gid: dict[str, tuple[int, bool]] = {}
 
     # -- entry dispatch -----------------------------------------------------------------------------------
 
@@ -205,10 +207,10 @@ class Extractor:
         mode = stat.S_IMODE(st.st_mode)
         self._open.add(rel)
         if mode & 0o700 == 0o700:
-            self._setgid[rel] = st.st_gid if mode & stat.S_ISGID else None
+            self._dir_gid[rel] = self._gives(st.st_gid, mode)
             return False
         os.chmod(path, mode | 0o700)  # (may drop its setgid bit: not in its group)
-        self._setgid.pop(rel, None)
+        self._dir_gid.pop(rel, None)
         self._dir_modes.setdefault(path, mode)
         return True
 
@@ -218,20 +220,25 @@ class Extractor:
             written.add(rel)
             rel = rel.rpartition("/")[0]
 
-    def _setgid_of(self, rel: str) -> int | None:
-        """The gid inodes created in directory ``rel`` get if it is setgid, else None (one lstat, cached)."""
-        gid = self._setgid.get(rel, _UNKNOWN)
-        if gid == _UNKNOWN:
+    def _gives(self, gid: int, mode: int) -> tuple[int, bool]:
+        """What a directory of this ``gid`` and ``mode`` gives what is created in it: (gid, setgid bit for
+        directories)."""
+        if self._rule == "bsd":
+            return gid, False
+        setgid = bool(mode & stat.S_ISGID)
+        return (gid if setgid else self._gid), setgid
+
+    def _gives_in(self, rel: str) -> tuple[int, bool]:
+        """``_gives`` of directory ``rel``: one lstat, cached."""
+        found = self._dir_gid.get(rel)
+        if found is None:
             st = os.lstat(self._paths.abs(rel))
-            gid = self._setgid[rel] = st.st_gid if st.st_mode & stat.S_ISGID else None
-        return gid
+            found = self._dir_gid[rel] = self._gives(st.st_gid, st.st_mode)
+        return found
 
     def _chown_new(self, parent: str, e: TarEntry) -> bool:
         """Whether an inode just created in directory ``parent`` needs a chown to get the entry's owner."""
-        if e.uid != self._uid:
-            return True
-        gid = self._setgid_of(parent)
-        return e.gid != (self._gid if gid is None else gid)
+        return self._rule is None or e.uid != self._uid or e.gid != self._gives_in(parent)[0]
 
     def _remove(self, path: str, st: os.stat_result | None = None) -> None:
         """Remove what is at ``path`` (a whole tree for a directory), keeping the caches true."""
@@ -246,7 +253,7 @@ class Extractor:
             else:
                 shutil.rmtree(path)
             self._paths.forget()
-            self._setgid.clear()
+            self._dir_gid.clear()
             inside = path + "/"
             for cache in (self._dir_times, self._dir_modes):
                 if cache:
@@ -349,15 +356,14 @@ class Extractor:
                   st: os.stat_result | None = None) -> None:
         """The entry's metadata on directory ``path`` (``rel`` under the root, in directory ``parent``):
         ``fresh`` when we just made it, ``st`` its lstat from before when it existed."""
-        if not fresh and self._writers is not None and self._writers.pending and (
-                st is None or (st.st_gid if st.st_mode & stat.S_ISGID else None)
-                != (e.gid if e.mode & stat.S_ISGID else None)):
+        if not fresh and self._writers is not None and self._writers.pending and self._rule is not None and (
+                st is None or self._gives(st.st_gid, st.st_mode) != self._gives(e.gid, e.mode)):
             # Queued files in it were judged by the gid their create gets now: they must land first.
             self._flush()
         if fresh:
             # mkdir gave it our uid and the parent's new-inode gid, and the parent's setgid bit if it has one.
-            inherited = self._setgid_of(parent)
-            if e.uid != self._uid or e.gid != (self._gid if inherited is None else inherited):
+            gid, inherited = self._gives_in(parent) if self._rule is not None else (-1, True)
+            if e.uid != self._uid or e.gid != gid:
                 self._owners.apply(path, e)
         elif st is None or st.st_uid != e.uid or st.st_gid != e.gid:
             self._owners.apply(path, e)
@@ -375,15 +381,15 @@ class Extractor:
             self._open.add(rel)
         if fresh:
             # A fresh one has what mkdir gave it: the bits the umask kept, plus an inherited setgid bit.
-            if mode != e.mode & self._keep_bits or inherited is not None:
+            if mode != e.mode & self._keep_bits or inherited:
                 os.chmod(path, mode)
         elif st is None or e.xattrs or stat.S_IMODE(st.st_mode) != mode:  # (an ACL xattr can change the mode)
             os.chmod(path, mode)
         # What inodes created in it get from now on. Not root, the chown may have been refused: look again.
         if self._rootless:
-            self._setgid.pop(rel, None)
+            self._dir_gid.pop(rel, None)
         else:
-            self._setgid[rel] = e.gid if mode & stat.S_ISGID else None
+            self._dir_gid[rel] = self._gives(e.gid, mode)
         self._dir_times[path] = entry_times(e)
 
     def _needs_parents(self, rel: str, entry: str) -> None:
@@ -510,7 +516,7 @@ class Extractor:
         self._whiteouts.discard(rel)
         path = self._paths.abs(rel)
         os.unlink(path)
-        self._setgid.pop(rel, None)
+        self._dir_gid.pop(rel, None)
         os.mkdir(path, 0o755)
         os.chmod(path, 0o755)
         os.setxattr(path, OVERLAY_OPAQUE_XATTR, b"y", follow_symlinks=False)
