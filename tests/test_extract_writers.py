@@ -57,3 +57,35 @@ def test_creates_that_wait_go_to_threads() -> None:
 def test_creates_that_only_cost_cpu_stay_inline() -> None:
     where = run("cpu")
     assert set(where.values()) == {threading.current_thread().name}
+
+
+def test_writes_come_back_inline_when_the_waits_stop() -> None:
+    # A disk whose creates waited at first (caches cold), then no longer: the next sample, taken after the
+    # queued writes landed, brings the writes back to the main thread.
+    main = threading.current_thread().name
+    where: dict[int, str] = {}
+    lock = threading.Lock()
+
+    def write(path: str, e: TarEntry, data: memoryview, chown: bool) -> bool:
+        i = int(path)
+        if i < 1000:
+            time.sleep(300e-6)
+        else:
+            end = time.perf_counter() + 20e-6
+            while time.perf_counter() < end:
+                pass
+        with lock:
+            where[i] = threading.current_thread().name
+        return True
+
+    writers = FileWriters(write)
+    total = 64 + 4096 + 64 + 500
+    try:
+        for i in range(total):
+            assert writers.submit(str(i), entry(i), memoryview(b"x"), False)
+        assert writers.flush() == []
+    finally:
+        writers.close()
+    assert len(where) == total
+    assert any(where[i] != main for i in range(64, 1000))  # waits: threads
+    assert all(where[i] == main for i in range(64 + 4096 + 1, total))  # the sample, then inline again

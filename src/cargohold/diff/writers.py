@@ -3,10 +3,11 @@
 Creating an inode on a real disk can wait on I/O (inode bitmap and table reads) far longer than Python's
 per-file cost; ``open`` releases the GIL, so a handful of threads overlap those waits. Where creation does
 not wait (tmpfs, warm caches, a fresh filesystem whose metadata is all in memory) the threads only add
-work — GIL hand-offs cost futex calls and context switches, about a third more CPU per file — so writes stay
-inline unless a sample of inline writes shows them *waiting*: the median, over the sample, of each write's
-wall time minus its CPU time. Time spent in the kernel is CPU time and does not count, and a median ignores
-the writes the scheduler happened to preempt on a busy machine. A sample is taken every few thousand files.
+work — GIL hand-offs cost futex calls and context switches, about a fifth more CPU per file measured on a
+fresh ext4 — so writes stay inline unless a sample of inline writes shows them *waiting*: the median, over the
+sample, of each write's wall time minus its CPU time. Time spent in the kernel is CPU time and does not
+count, and a median ignores the writes the scheduler happened to preempt on a busy machine. A sample is taken
+every few thousand files, after the queued writes landed (their GIL hand-offs would look like waits).
 
 Only the creation of *new* small files is handed out: a file whose path exists comes back "deferred" for the
 main thread to replace with full semantics, and the extractor calls ``flush()`` — a barrier — before
@@ -34,8 +35,9 @@ _BATCH = 48  # files per task: amortises the executor's per-task cost
 _MAX_BATCHES = 16  # queued batches before the reader waits: bounds memory held by views
 _SAMPLE = 64  # inline writes timed per decision
 _RESAMPLE_AFTER = 4096  # writes between two samples
-# Median wait (wall minus CPU) of an inline write above which threads pay. Measured: tmpfs and a fresh
-# loop-mounted ext4 ~0-5 µs (all CPU, ~30-40 µs of it); a cold ext4 on a disk ~700 µs.
+# Median wait (wall minus CPU) of an inline write above which threads pay. Measured on tmpfs and a fresh
+# loop-mounted ext4: 0-5 µs (the create is all CPU, 30-40 µs of it); a create on a cold disk reads inode
+# tables and bitmaps, milliseconds each.
 _SLOW_WAIT = 100e-6
 
 
@@ -65,6 +67,7 @@ class FileWriters:
             self._until_sample -= 1
             if self._until_sample <= 0:
                 self._sampling = True
+                self._drain()
         if not self._parallel:
             return self._write(path, e, data, chown)
         self._batch.append((path, e, data, chown))
@@ -94,6 +97,12 @@ class FileWriters:
         batch, self._batch = self._batch, []
         self._running.append(self._pool.submit(self._run, batch))
         while len(self._running) > _MAX_BATCHES:
+            self._deferred.extend(self._running.popleft().result())
+
+    def _drain(self) -> None:
+        """Wait for the queued writes (the ones that found their path taken are kept for ``flush``)."""
+        self._dispatch()
+        while self._running:
             self._deferred.extend(self._running.popleft().result())
 
     def _run(self, batch: list[Item]) -> list[Item]:
