@@ -217,7 +217,10 @@ def grpid_fs(tmp_path: Path) -> Iterator[Path]:
     with open(image, "wb") as fh:
         fh.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", os.fspath(image)], check=True)
-    subprocess.run(["mount", "-o", "loop,grpid", os.fspath(image), os.fspath(mnt)], check=True)
+    mounted = subprocess.run(["mount", "-o", "loop,grpid", os.fspath(image), os.fspath(mnt)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop ext4 here: {mounted.stderr.strip()}")
     try:
         yield mnt
     finally:
