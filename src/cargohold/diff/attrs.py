@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import threading
 
 from cargohold.diff.tarstream import TarEntry
@@ -39,6 +40,42 @@ def entry_times(e: TarEntry) -> tuple[int, int]:
     mtime = e.mtime_ns if 0 <= e.mtime_ns <= _MAX_NS else 0
     atime = mtime if e.atime_ns is None else max(e.atime_ns, mtime)
     return (atime if atime <= _MAX_NS else mtime), mtime
+
+
+# Local filesystems where a new inode gets the creator's fsuid, and its fsgid unless the directory is setgid
+# (then the directory's gid): POSIX/System V semantics. Elsewhere (NFS squashing, FUSE, vfat...) what a create
+# gives is the server's business, so every owner is set explicitly.
+_SYSV_OWNER_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "overlay", "zfs",
+                            "bcachefs"})
+_OCTAL = re.compile(r"\\([0-7]{3})")
+_BSD_GROUPS = frozenset({"grpid", "bsdgroups"})  # new inodes always take the directory's gid
+
+
+def create_owner_rule(path: str) -> str | None:
+    """How the filesystem holding ``path`` gives new inodes their group: ``"sysv"`` (the creator's gid, the
+    directory's when it is setgid), ``"bsd"`` (always the directory's: the grpid mount option), or None when
+    unknown — then nothing may be assumed about a new inode's owner."""
+    real = os.path.realpath(path)
+    best: tuple[int, str, set[str]] | None = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                try:
+                    dash = fields.index("-", 6)
+                except ValueError:
+                    continue
+                point = fields[4].encode().decode("unicode_escape")  # \040 and friends
+                if not (real == point or real.startswith(point.rstrip("/") + "/")):
+                    continue
+                if best is None or len(point) >= best[0]:  # the longest, and the last (top) one mounted there
+                    options = set(fields[5].split(",")) | set(fields[dash + 3].split(","))
+                    best = (len(point), fields[dash + 1], options)
+    except (OSError, IndexError):
+        return None
+    if best is None or best[1] not in _SYSV_OWNER_FS:
+        return None
+    return "bsd" if best[2] & _BSD_GROUPS else "sysv"
 
 
 # Set once a process warned that owners were not applied: one line per process, not per layer.

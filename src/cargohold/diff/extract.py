@@ -12,6 +12,13 @@ while the layer applies and given their final mode — the entry's, else the one
 Device nodes that cannot be made then are skipped with one warning per layer.
 Small new files are written by ``diff.writers`` threads; ``_flush`` is the barrier before anything whose
 outcome depends on entry order.
+
+Few system calls per entry: an inode this layer creates is already ours — our uid, and our gid unless its
+directory is setgid (then the directory's gid) — so its ``chown`` is skipped when the entry asks for exactly
+that; which directories are setgid is known from this layer's directory entries, or from one ``lstat`` per
+other directory (cached, forgotten when directories are removed). A create already gives the mode when the
+umask keeps all its bits (and, for a directory, no setgid is inherited); an existing directory is chowned and
+chmodded only when its ``lstat`` shows other values. Times are always set: a new inode has the current time.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import stat
 from collections.abc import Callable
 
 from cargohold.diff import sparse
-from cargohold.diff.attrs import Owners, drop_stale_xattrs, entry_times, read_umask, set_xattrs
+from cargohold.diff.attrs import Owners, create_owner_rule, drop_stale_xattrs, entry_times, read_umask, set_xattrs
 from cargohold.diff.paths import Resolver, clean_name
 from cargohold.diff.removal import remove_tree
 from cargohold.diff.tarstream import BLK, CHR, DIR, FIFO, LNK, REG, SYM, TarEntry, TarReader
@@ -84,6 +91,15 @@ class Extractor:
         self._open: set[str] = set()
         self._devices_skipped: list[TarEntry] = []
         self._keep_bits = 0o777 & ~read_umask()  # mode bits a create keeps; others need a chmod
+        # Owner of what we create: our uid, and our gid unless the directory is setgid (then the directory's
+        # gid) — on filesystems known to follow that rule ("sysv"; "bsd": always the directory's gid); None:
+        # unknown, every owner is set explicitly.
+        self._rule = create_owner_rule(root)
+        self._uid = os.geteuid()
+        self._gid = os.getegid()
+        # Real directory path -> (gid an inode created in it gets, whether a directory made in it inherits the
+        # setgid bit). Updated when this layer sets a directory's metadata, dropped when directories go.
+        self._dir_gid: dict[str, tuple[int, bool]] = {}
 
     # -- entry dispatch -----------------------------------------------------------------------------------
 
@@ -98,7 +114,7 @@ class Extractor:
         if not logical:
             if e.kind != DIR:
                 raise UnsafePathError(f"tar entry {name!r}: a non-directory would replace the root")
-            self._dir_meta(self.root, e, fresh=False)
+            self._dir_meta(self.root, "", e, fresh=False, parent="")
             return
         if WHITEOUT_META_PREFIX in parent and _has_meta_component(parent):
             log.debug("skipping aufs metadata entry %r", name)
@@ -113,19 +129,19 @@ class Extractor:
         if kind == REG:
             # A path this layer resolved as a directory is replaced inline: later entries below it must see
             # the file (and fail), not the directory a queued write has not replaced yet.
-            self._file(path, e, tar, queue=self._paths.lookup(logical) is None)
+            self._file(path, e, tar, queue=self._paths.lookup(logical) is None, chown=self._chown_new(dreal, e))
         elif kind == DIR:
-            self._dir(path, rel, e)
+            self._dir(path, rel, e, dreal)
             self._paths.remember(logical, rel)
         elif kind == SYM:
-            self._symlink(path, e)
+            self._symlink(path, e, dreal)
         elif kind == LNK:
             self._hardlink(path, e)
         elif kind == FIFO:
             self._create(path, lambda: os.mkfifo(path, e.mode & 0o777))
-            self._meta(path, e, symlink=False)
+            self._meta(path, e, symlink=False, chown=self._chown_new(dreal, e))
         elif kind == CHR or kind == BLK:
-            self._device(path, e)
+            self._device(path, e, dreal)
         else:  # pragma: no cover - the reader only yields the kinds above
             raise InvalidArgumentError(f"tar entry {name!r}: unsupported type {kind!r}")
 
@@ -163,8 +179,8 @@ class Extractor:
         """Barrier: every queued file is on disk; those whose path existed are now replaced, in order."""
         if self._writers is None:
             return
-        for path, e, data in self._writers.flush():
-            self._replace_with_new(path, e, data)
+        for path, e, data, chown in self._writers.flush():
+            self._replace_with_new(path, e, data, chown)
 
     def _flush_if_pending(self, rel: str) -> None:
         assert self._writers is not None
@@ -187,11 +203,14 @@ class Extractor:
     def _open_up(self, rel: str) -> bool:
         """Not root: let us write into directory ``rel`` until ``finish`` (which gives back its mode)."""
         path = self._paths.abs(rel)
-        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        st = os.lstat(path)
+        mode = stat.S_IMODE(st.st_mode)
         self._open.add(rel)
         if mode & 0o700 == 0o700:
+            self._dir_gid[rel] = self._gives(st.st_gid, mode)
             return False
-        os.chmod(path, mode | 0o700)
+        os.chmod(path, mode | 0o700)  # (may drop its setgid bit: not in its group)
+        self._dir_gid.pop(rel, None)
         self._dir_modes.setdefault(path, mode)
         return True
 
@@ -200,6 +219,26 @@ class Extractor:
         while rel not in written:
             written.add(rel)
             rel = rel.rpartition("/")[0]
+
+    def _gives(self, gid: int, mode: int) -> tuple[int, bool]:
+        """What a directory of this ``gid`` and ``mode`` gives what is created in it: (gid, setgid bit for
+        directories)."""
+        if self._rule == "bsd":
+            return gid, False
+        setgid = bool(mode & stat.S_ISGID)
+        return (gid if setgid else self._gid), setgid
+
+    def _gives_in(self, rel: str) -> tuple[int, bool]:
+        """``_gives`` of directory ``rel``: one lstat, cached."""
+        found = self._dir_gid.get(rel)
+        if found is None:
+            st = os.lstat(self._paths.abs(rel))
+            found = self._dir_gid[rel] = self._gives(st.st_gid, st.st_mode)
+        return found
+
+    def _chown_new(self, parent: str, e: TarEntry) -> bool:
+        """Whether an inode just created in directory ``parent`` needs a chown to get the entry's owner."""
+        return self._rule is None or e.uid != self._uid or e.gid != self._gives_in(parent)[0]
 
     def _remove(self, path: str, st: os.stat_result | None = None) -> None:
         """Remove what is at ``path`` (a whole tree for a directory), keeping the caches true."""
@@ -214,6 +253,7 @@ class Extractor:
             else:
                 shutil.rmtree(path)
             self._paths.forget()
+            self._dir_gid.clear()
             inside = path + "/"
             for cache in (self._dir_times, self._dir_modes):
                 if cache:
@@ -234,7 +274,7 @@ class Extractor:
 
     # -- entry kinds --------------------------------------------------------------------------------------
 
-    def _write_new(self, path: str, e: TarEntry, data: memoryview) -> bool:
+    def _write_new(self, path: str, e: TarEntry, data: memoryview, chown: bool) -> bool:
         """Create and fill a small file that must not exist yet; False (nothing done) if it does.
 
         Runs on writer threads: touches nothing shared but the logger."""
@@ -245,27 +285,27 @@ class Extractor:
         try:
             if data:
                 _write_all(fd, data)
-            self._fd_meta(fd, e)
+            self._fd_meta(fd, e, chown)
         finally:
             os.close(fd)
         return True
 
-    def _replace_with_new(self, path: str, e: TarEntry, data: memoryview) -> None:
+    def _replace_with_new(self, path: str, e: TarEntry, data: memoryview, chown: bool) -> None:
         self._remove(path)
-        if not self._write_new(path, e, data):
+        if not self._write_new(path, e, data, chown):
             raise FileExistsError(errno.EEXIST, "still exists after removal", path)
 
-    def _file(self, path: str, e: TarEntry, tar: TarReader, *, queue: bool) -> None:
+    def _file(self, path: str, e: TarEntry, tar: TarReader, *, queue: bool, chown: bool) -> None:
         if e.sparse is not None:
-            self._sparse_file(path, e, tar)
+            self._sparse_file(path, e, tar, chown)
             return
         if e.size <= _SMALL:
             data = tar.read_small() if e.size else _EMPTY
             if queue and self._writers is not None:
-                if not self._writers.submit(path, e, data):
-                    self._replace_with_new(path, e, data)
-            elif not self._write_new(path, e, data):
-                self._replace_with_new(path, e, data)
+                if not self._writers.submit(path, e, data, chown):
+                    self._replace_with_new(path, e, data, chown)
+            elif not self._write_new(path, e, data, chown):
+                self._replace_with_new(path, e, data, chown)
             return
         try:  # large: streamed in chunks from the reader
             fd = os.open(path, _CREATE, e.mode & 0o777)
@@ -275,11 +315,11 @@ class Extractor:
         try:
             for chunk in tar.chunks():
                 _write_all(fd, chunk)
-            self._fd_meta(fd, e)
+            self._fd_meta(fd, e, chown)
         finally:
             os.close(fd)
 
-    def _sparse_file(self, path: str, e: TarEntry, tar: TarReader) -> None:
+    def _sparse_file(self, path: str, e: TarEntry, tar: TarReader, chown: bool) -> None:
         """A sparse entry: its data at the map's offsets, holes left as holes (written inline, never queued)."""
         assert e.sparse is not None
         try:
@@ -289,11 +329,12 @@ class Extractor:
             fd = os.open(path, _CREATE, e.mode & 0o777)
         try:
             sparse.write(fd, e.sparse, tar.chunks(), e.name)
-            self._fd_meta(fd, e)
+            self._fd_meta(fd, e, chown)
         finally:
             os.close(fd)
 
-    def _dir(self, path: str, rel: str, e: TarEntry) -> None:
+    def _dir(self, path: str, rel: str, e: TarEntry, parent: str) -> None:
+        st: os.stat_result | None = None
         try:
             os.mkdir(path, e.mode & 0o777)
             fresh = True
@@ -303,14 +344,29 @@ class Extractor:
                 fresh = False  # keeps its contents, takes the entry's metadata
             elif self._dir_over_whiteout(rel):
                 fresh = False  # now an opaque directory: its mode still has to be set
+                st = None
             else:  # a file or symlink in the way goes
                 self._remove(path, st)
                 os.mkdir(path, e.mode & 0o777)
                 fresh = True
-        self._dir_meta(path, e, fresh=fresh)
+                st = None
+        self._dir_meta(path, rel, e, fresh=fresh, parent=parent, st=st)
 
-    def _dir_meta(self, path: str, e: TarEntry, *, fresh: bool) -> None:
-        self._owners.apply(path, e)
+    def _dir_meta(self, path: str, rel: str, e: TarEntry, *, fresh: bool, parent: str,
+                  st: os.stat_result | None = None) -> None:
+        """The entry's metadata on directory ``path`` (``rel`` under the root, in directory ``parent``):
+        ``fresh`` when we just made it, ``st`` its lstat from before when it existed."""
+        if not fresh and self._writers is not None and self._writers.pending and self._rule is not None and (
+                st is None or self._gives(st.st_gid, st.st_mode) != self._gives(e.gid, e.mode)):
+            # Queued files in it were judged by the gid their create gets now: they must land first.
+            self._flush()
+        if fresh:
+            # mkdir gave it our uid and the parent's new-inode gid, and the parent's setgid bit if it has one.
+            gid, inherited = self._gives_in(parent) if self._rule is not None else (-1, True)
+            if e.uid != self._uid or e.gid != gid:
+                self._owners.apply(path, e)
+        elif st is None or st.st_uid != e.uid or st.st_gid != e.gid:
+            self._owners.apply(path, e)
         if not fresh:
             drop_stale_xattrs(path, e)
         if e.xattrs:
@@ -322,19 +378,28 @@ class Extractor:
                 mode |= 0o700
             else:
                 self._dir_modes.pop(path, None)
-            self._open.add(path[len(self.root) + 1:])
-        if not fresh or mode != e.mode & self._keep_bits:  # a fresh one has what mkdir gave it
+            self._open.add(rel)
+        if fresh:
+            # A fresh one has what mkdir gave it: the bits the umask kept, plus an inherited setgid bit.
+            if mode != e.mode & self._keep_bits or inherited:
+                os.chmod(path, mode)
+        elif st is None or e.xattrs or stat.S_IMODE(st.st_mode) != mode:  # (an ACL xattr can change the mode)
             os.chmod(path, mode)
+        # What inodes created in it get from now on. Not root, the chown may have been refused: look again.
+        if self._rootless:
+            self._dir_gid.pop(rel, None)
+        else:
+            self._dir_gid[rel] = self._gives(e.gid, mode)
         self._dir_times[path] = entry_times(e)
 
     def _needs_parents(self, rel: str, entry: str) -> None:
         raise NeedsParentsError(f"tar entry {entry!r}: directory {rel!r} is not in this layer")
 
-    def _symlink(self, path: str, e: TarEntry) -> None:
+    def _symlink(self, path: str, e: TarEntry, parent: str) -> None:
         if not e.linkname:
             raise InvalidArgumentError(f"tar entry {e.name!r}: symlink with an empty target")
         self._create(path, lambda: os.symlink(e.linkname, path))
-        self._meta(path, e, symlink=True)
+        self._meta(path, e, symlink=True, chown=self._chown_new(parent, e))
 
     def _hardlink(self, path: str, e: TarEntry) -> None:
         name = e.name
@@ -369,7 +434,7 @@ class Extractor:
             os.link(tpath, path, follow_symlinks=False)
         # Like GNU tar, the shared inode keeps the metadata its first entry gave it.
 
-    def _device(self, path: str, e: TarEntry) -> None:
+    def _device(self, path: str, e: TarEntry, parent: str) -> None:
         kind = stat.S_IFCHR if e.kind == CHR else stat.S_IFBLK
         dev = os.makedev(e.devmajor, e.devminor)
         try:
@@ -377,21 +442,24 @@ class Extractor:
         except PermissionError:  # not root, or root without CAP_MKNOD (in a container)
             self._devices_skipped.append(e)  # reported once, by finish()
             return
-        self._meta(path, e, symlink=False)
+        self._meta(path, e, symlink=False, chown=self._chown_new(parent, e))
 
     # -- metadata -----------------------------------------------------------------------------------------
 
-    def _meta(self, path: str, e: TarEntry, *, symlink: bool) -> None:
-        """Owner, xattrs, mode (not on symlinks: chmod would follow them) and times of a non-file by path."""
-        self._owners.apply(path, e)
+    def _meta(self, path: str, e: TarEntry, *, symlink: bool, chown: bool) -> None:
+        """Owner (``chown``: unless it has it already), xattrs, mode (not on symlinks: chmod would follow them)
+        and times of a new non-file by path."""
+        if chown:
+            self._owners.apply(path, e)
         if e.xattrs:
             set_xattrs(path, e, symlink=symlink)
         if not symlink and e.mode != e.mode & self._keep_bits:
             os.chmod(path, e.mode)
         os.utime(path, ns=entry_times(e), follow_symlinks=False)
 
-    def _fd_meta(self, fd: int, e: TarEntry) -> None:
-        self._owners.apply(fd, e)
+    def _fd_meta(self, fd: int, e: TarEntry, chown: bool) -> None:
+        if chown:
+            self._owners.apply(fd, e)
         if e.xattrs:
             set_xattrs(fd, e)
         if e.mode != e.mode & self._keep_bits:
@@ -423,7 +491,8 @@ class Extractor:
             self._written.add(rel)
             self._whiteouts.add(rel)
             self._create(path, lambda: os.mknod(path, stat.S_IFCHR, 0))
-            self._owners.apply(path, e)
+            if self._chown_new(dreal, e):
+                self._owners.apply(path, e)
             return
         try:
             st = os.lstat(path)
@@ -447,6 +516,7 @@ class Extractor:
         self._whiteouts.discard(rel)
         path = self._paths.abs(rel)
         os.unlink(path)
+        self._dir_gid.pop(rel, None)
         os.mkdir(path, 0o755)
         os.chmod(path, 0o755)
         os.setxattr(path, OVERLAY_OPAQUE_XATTR, b"y", follow_symlinks=False)

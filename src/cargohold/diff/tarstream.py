@@ -14,6 +14,7 @@ the same; some writers put the target's size on hardlinks).
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from cargohold.errors import InvalidArgumentError
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _READ_SIZE = 1 << 20
+# One unpack of a header block: name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic,
+# (version, uname, gname skipped), devmajor, devminor, prefix.
+_HEADER = struct.Struct("100s8s8s8s12s12s8sB100s6s66x8s8s155s")
+_USTAR = b"ustar\x00"
 
 # Entry kinds (the tar typeflag, normalised: '\0' and '7' become '0').
 REG = "0"
@@ -86,16 +91,17 @@ def _num(field: bytes, what: str) -> int:
         raise InvalidArgumentError(f"tar header: bad {what} field {bytes(field)!r}") from None
 
 
-def _checksum_ok(block: bytes) -> bool:
-    # The stored sum is of all bytes with the checksum field as spaces. adler32's low half is 1 + the byte
-    # sum mod 65521; 256 bytes sum to at most 65280, so each half's sum is exact and computed in C.
-    stored = _num(block[148:156], "chksum")
+def _checksum_ok(block: bytes | memoryview, stored: int) -> bool:
+    """Whether ``stored`` (the header's chksum field) is the sum of the block's bytes, the checksum field
+    counted as spaces."""
+    # adler32's low half is 1 + the byte sum mod 65521; 256 bytes sum to at most 65280, so each half's sum is
+    # exact and computed in C.
     total = ((zlib.adler32(block[:256]) & 0xFFFF) - 1 + (zlib.adler32(block[256:]) & 0xFFFF) - 1
              - ((zlib.adler32(block[148:156]) & 0xFFFF) - 1) + 8 * 32)
     if total == stored:
         return True
     # Some old writers summed signed chars.
-    signed = total - 256 * sum(1 for i, b in enumerate(block) if b >= 0x80 and not 148 <= i < 156)
+    signed = total - 256 * sum(1 for i, b in enumerate(bytes(block)) if b >= 0x80 and not 148 <= i < 156)
     return signed == stored
 
 
@@ -224,7 +230,7 @@ class TarReader:
     def read_small(self) -> memoryview:
         """All of the current entry's data in one view (valid until the next read). For sizes up to ~1 MiB."""
         n = self._left
-        if not self._need(n):
+        if len(self._view) - self._pos < n and not self._need(n):
             raise InvalidArgumentError("tar stream truncated inside an entry's data")
         view = self._view[self._pos : self._pos + n]
         self._pos += n
@@ -250,27 +256,40 @@ class TarReader:
         long_link: bytes | None = None
         while True:
             if self._left or self._pad:
-                self._skip(self._left + self._pad)
+                n = self._left + self._pad
+                if len(self._view) - self._pos >= n:
+                    self._pos += n  # the common case, inline: padding (or unread data) in the buffer
+                else:
+                    self._skip(n)
                 self._left = self._pad = 0
-            if not self._need(BLOCK):
+            if len(self._view) - self._pos < BLOCK and not self._need(BLOCK):
                 if len(self._view) - self._pos:
                     raise InvalidArgumentError("tar stream truncated inside a header")
                 if pax is not None or long_name is not None or long_link is not None:
                     raise InvalidArgumentError("tar stream ended after an extended header without its entry")
                 return
-            block = bytes(self._view[self._pos : self._pos + BLOCK])
-            self._pos += BLOCK
-            if block == _ZERO_BLOCK:
-                return  # end of archive (the second zero block and anything after are the caller's)
-            if not _checksum_ok(block):
-                raise InvalidArgumentError(f"tar header checksum mismatch (entry {_nts(block[:100])!r})")
-            flag = chr(block[156])
-            size = _num(block[124:136], "size")
+            view, pos = self._view, self._pos
+            self._pos = pos + BLOCK
+            hdr = _HEADER.unpack_from(view, pos)
+            block = view[pos : pos + BLOCK]
+            try:
+                stored = int(hdr[6].partition(b"\0")[0], 8)
+            except ValueError:
+                if block == _ZERO_BLOCK:
+                    return  # end of archive (the second zero block and anything after are the caller's)
+                stored = _num(hdr[6], "chksum")
+            if not _checksum_ok(block, stored):
+                raise InvalidArgumentError(f"tar header checksum mismatch (entry {_nts(hdr[0])!r})")
+            flag = chr(hdr[7])
+            try:
+                size = int(hdr[4].partition(b"\0")[0], 8)
+            except ValueError:
+                size = _num(hdr[4], "size")
             if size < 0:
-                raise InvalidArgumentError(f"tar header: negative size for {_nts(block[:100])!r}")
+                raise InvalidArgumentError(f"tar header: negative size for {_nts(hdr[0])!r}")
             if flag in "xXgLK":
                 if size > MAX_SPECIAL_SIZE:
-                    who = _nts(block[:100]).decode("utf-8", "surrogateescape")
+                    who = _nts(hdr[0]).decode("utf-8", "surrogateescape")
                     raise InvalidArgumentError(f"tar entry {who!r}: {_SPECIAL[flag]} of {size} bytes exceeds the "
                                                f"{MAX_SPECIAL_SIZE} byte (1 MiB) limit")
                 data = self._take(size, "an extended header")
@@ -282,35 +301,42 @@ class TarReader:
                 elif flag == "K":
                     long_link = _nts(data)
                 continue  # 'g': global PAX headers are ignored, as containerd does
-            entry = self._entry(block, flag, size, pax, long_name, long_link)
+            entry = self._entry(hdr, block, flag, size, pax, long_name, long_link)
             pax = long_name = long_link = None
             if entry is None:
                 continue
             yield entry
 
-    def _entry(self, block: bytes, flag: str, size: int, pax: dict[str, bytes] | None,
-               long_name: bytes | None, long_link: bytes | None) -> TarEntry | None:
-        magic = block[257:263]
+    def _entry(self, hdr: tuple[bytes, ...], block: memoryview, flag: str, size: int,
+               pax: dict[str, bytes] | None, long_name: bytes | None, long_link: bytes | None
+               ) -> TarEntry | None:
+        f_name, f_mode, f_uid, f_gid, _, f_mtime, _, _, f_link, magic, f_major, f_minor, f_prefix = hdr
         if long_name is not None:
             raw_name = long_name
         else:
-            raw_name = _nts(block[0:100])
-            if magic == b"ustar\x00":
-                prefix = _nts(block[345:500])
+            raw_name = f_name.partition(b"\0")[0]
+            if magic == _USTAR:
+                prefix = f_prefix.partition(b"\0")[0]
                 if prefix:
                     raw_name = prefix + b"/" + raw_name
         name = raw_name.decode("utf-8", "surrogateescape")
-        raw_link = long_link if long_link is not None else _nts(block[157:257])
+        raw_link = long_link if long_link is not None else f_link.partition(b"\0")[0]
         linkname = raw_link.decode("utf-8", "surrogateescape")
-        mode = _num(block[100:108], "mode") & 0o7777
-        uid = _num(block[108:116], "uid")
-        gid = _num(block[116:124], "gid")
-        mtime_ns = _num(block[136:148], "mtime") * 1_000_000_000
+        try:  # octal text, the common case; anything else (base-256, blanks, errors) goes through _num
+            mode = int(f_mode.partition(b"\0")[0], 8) & 0o7777
+            uid = int(f_uid.partition(b"\0")[0], 8)
+            gid = int(f_gid.partition(b"\0")[0], 8)
+            mtime_ns = int(f_mtime.partition(b"\0")[0], 8) * 1_000_000_000
+        except ValueError:
+            mode = _num(f_mode, "mode") & 0o7777
+            uid = _num(f_uid, "uid")
+            gid = _num(f_gid, "gid")
+            mtime_ns = _num(f_mtime, "mtime") * 1_000_000_000
         atime_ns: int | None = None
         devmajor = devminor = 0
         if flag == CHR or flag == BLK:
-            devmajor = _num(block[329:337], "devmajor")
-            devminor = _num(block[337:345], "devminor")
+            devmajor = _num(f_major, "devmajor")
+            devminor = _num(f_minor, "devminor")
         xattrs: dict[str, bytes] | None = None
         sparse_pax = False
         if pax:
@@ -337,15 +363,11 @@ class TarReader:
                     sparse_pax = True
         if "\0" in name or "\0" in linkname:
             raise InvalidArgumentError(f"tar entry {name!r}: NUL byte in a name")
-        # Numbers the kernel cannot take (negative base-256 ids, absurd times) are bad input, not OverflowError
-        # from chown/utime/makedev later. An id of 2**32-1 means "unchanged" to chown: refused as well.
-        for what, number, top in (("uid", uid, _MAX_ID), ("gid", gid, _MAX_ID), ("size", size, _MAX_SIZE),
-                                  ("devmajor", devmajor, _MAX_DEV), ("devminor", devminor, _MAX_DEV)):
-            if not 0 <= number <= top:
-                raise InvalidArgumentError(f"tar entry {name!r}: {what} {number} out of range")
-        for what, ns in (("mtime", mtime_ns), ("atime", atime_ns or 0)):
-            if not -_MAX_TIME_NS <= ns <= _MAX_TIME_NS:
-                raise InvalidArgumentError(f"tar entry {name!r}: {what} out of range")
+        if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID and 0 <= size <= _MAX_SIZE
+                and 0 <= devmajor <= _MAX_DEV and 0 <= devminor <= _MAX_DEV
+                and -_MAX_TIME_NS <= mtime_ns <= _MAX_TIME_NS
+                and (atime_ns is None or -_MAX_TIME_NS <= atime_ns <= _MAX_TIME_NS)):
+            _out_of_range(name, uid, gid, size, devmajor, devminor, mtime_ns, atime_ns)
         if flag in _HEADER_ONLY:
             size = 0
         if flag == "\0" or flag == "7":
@@ -356,7 +378,7 @@ class TarReader:
             self._left, self._pad = size, -size % BLOCK
             return None
         elif flag == "S":
-            smap = sparse.old_gnu(name, block, size, self._take, _num)
+            smap = sparse.old_gnu(name, bytes(block), size, self._take, _num)
             return self._sparse_entry(smap, size, 0, name, mode, uid, gid, mtime_ns, atime_ns, xattrs)
         elif flag not in _HEADER_ONLY and flag != REG:
             what = {"S": "GNU sparse", "M": "multi-volume"}.get(flag, f"type {flag!r}")
@@ -372,9 +394,8 @@ class TarReader:
                 smap, name, used = found
                 return self._sparse_entry(smap, size, used, name, mode, uid, gid, mtime_ns, atime_ns, xattrs)
         self._left, self._pad = size, -size % BLOCK
-        return TarEntry(name=name, kind=flag, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns,
-                        atime_ns=atime_ns, linkname=linkname, devmajor=devmajor, devminor=devminor,
-                        xattrs=xattrs)
+        # Positional: this runs once per entry and keywords cost more.
+        return TarEntry(name, flag, mode, uid, gid, size, mtime_ns, atime_ns, linkname, devmajor, devminor, xattrs)
 
 
     def _sparse_entry(self, smap: SparseMap, size: int, used: int, name: str, mode: int, uid: int, gid: int,
@@ -385,6 +406,19 @@ class TarReader:
         self._left, self._pad = size - used, -size % BLOCK
         return TarEntry(name=name, kind=REG, mode=mode, uid=uid, gid=gid, size=smap.realsize, mtime_ns=mtime_ns,
                         atime_ns=atime_ns, linkname="", devmajor=0, devminor=0, xattrs=xattrs, sparse=smap)
+
+
+def _out_of_range(name: str, uid: int, gid: int, size: int, devmajor: int, devminor: int, mtime_ns: int,
+                  atime_ns: int | None) -> None:
+    """Raise for the first number the kernel cannot take (negative base-256 ids, absurd times): bad input,
+    not OverflowError from chown/utime/makedev later. An id of 2**32-1 means "unchanged" to chown."""
+    for what, number, top in (("uid", uid, _MAX_ID), ("gid", gid, _MAX_ID), ("size", size, _MAX_SIZE),
+                              ("devmajor", devmajor, _MAX_DEV), ("devminor", devminor, _MAX_DEV)):
+        if not 0 <= number <= top:
+            raise InvalidArgumentError(f"tar entry {name!r}: {what} {number} out of range")
+    for what, ns in (("mtime", mtime_ns), ("atime", atime_ns or 0)):
+        if not -_MAX_TIME_NS <= ns <= _MAX_TIME_NS:
+            raise InvalidArgumentError(f"tar entry {name!r}: {what} out of range")
 
 
 def _pax_int(value: bytes, key: str) -> int:
