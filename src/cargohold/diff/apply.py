@@ -200,8 +200,8 @@ def apply_layer(
     caller.
     ``on_progress(compressed_read, uncompressed_read)`` is called on the calling thread about once per MiB of
     uncompressed data. ``write_threads``: threads creating small files, to overlap the disk waits of inode
-    creation — None: up to 8, used while timed samples show slow creates (disk), not on tmpfs; N: always N;
-    0: every file written inline.
+    creation — None: up to 8, used while timed samples show creates that wait (disk), not when they only
+    cost CPU; N: always N; 0: every file written inline.
     ``isolated``: the layer is applied alone, its parents absent (parallel unpack into an empty upper dir).
     Rather than guess what the parents hold, an entry under a directory the layer does not create, or a
     hardlink to a file it does not hold, raises NeedsParentsError; the caller then applies it onto its parents.
