@@ -16,8 +16,9 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,14 @@ class ApplyResult:
     size_uncompressed: int
     compression: Compression
     entries: int
+    # Seconds per stage (``cargohold.stages``): wait (for bytes of the blob), inflate, hash, extract.
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 class _Hashing:
-    """Passes ``read`` through, hashing and counting the bytes."""
+    """Passes ``read`` through, hashing and counting the bytes; times the reads and the hashing."""
 
-    __slots__ = ("_src", "hash", "size", "_limit", "_what")
+    __slots__ = ("_src", "hash", "size", "_limit", "_what", "read_time", "hash_time")
 
     def __init__(self, src: Readable, algorithm: str, *, limit: int | None = None, what: str = "") -> None:
         self._src = src
@@ -60,11 +63,17 @@ class _Hashing:
         self.size = 0
         self._limit = limit
         self._what = what
+        self.read_time = 0.0
+        self.hash_time = 0.0
 
     def read(self, size: int = -1, /) -> bytes:
+        t0 = time.perf_counter()
         data = self._src.read(size)
+        t1 = time.perf_counter()
+        self.read_time += t1 - t0
         if data:
             self.hash.update(data)
+            self.hash_time += time.perf_counter() - t1
             self.size += len(data)
             # Checked as the bytes are produced, so an inflating layer stops at the limit, not at its end.
             if self._limit is not None and self.size > self._limit:
@@ -83,14 +92,18 @@ class _Hashing:
 class _Counting:
     """Passes ``read`` through, counting the bytes: the compressed stream when no digest is asked for."""
 
-    __slots__ = ("_src", "size")
+    __slots__ = ("_src", "size", "read_time", "hash_time")
 
     def __init__(self, src: Readable) -> None:
         self._src = src
         self.size = 0
+        self.read_time = 0.0
+        self.hash_time = 0.0
 
     def read(self, size: int = -1, /) -> bytes:
+        t0 = time.perf_counter()
         data = self._src.read(size)
+        self.read_time += time.perf_counter() - t0
         self.size += len(data)
         return data
 
@@ -116,6 +129,7 @@ class _Prefetch:
         self._thread = threading.Thread(target=self._run, name="layer-decompress", daemon=True)
         self._pending = b""
         self._done = False
+        self.waited = 0.0  # the reading thread's time blocked on the helper
         self._thread.start()
 
     def _run(self) -> None:
@@ -147,7 +161,9 @@ class _Prefetch:
             return out
         if self._done:
             return b""
+        t0 = time.perf_counter()
         item = self._queue.get()
+        self.waited += time.perf_counter() - t0
         if item is self._END:
             self._done = True
             self._thread.join()
@@ -223,6 +239,7 @@ def apply_layer(
     progress = None if on_progress is None else (lambda: on_progress(raw.size, plain.size))
     extractor = Extractor(root_s, overlay=overlay, write_threads=write_threads, isolated=isolated)
     source = _Prefetch(plain, progress)
+    started = time.perf_counter()
     try:
         tar = TarReader(source)
         for entry in tar.entries():
@@ -253,5 +270,10 @@ def apply_layer(
             expected_diff_id, diff_id,
             what=f"{what} uncompressed (diffID; applied under {root_s}, now dirty)",
         )
+    # The helper thread reads (waiting for bytes: ``raw.read_time``), inflates and hashes; this thread parses
+    # and writes (its time not spent waiting for the helper).
+    stages = {"wait": raw.read_time, "inflate": max(0.0, plain.read_time - raw.read_time - raw.hash_time),
+              "hash": raw.hash_time + plain.hash_time,
+              "extract": max(0.0, time.perf_counter() - started - source.waited)}
     return ApplyResult(digest=digest, diff_id=diff_id, size_compressed=raw.size, size_uncompressed=plain.size,
-                       compression=stream.compression, entries=extractor.entries)
+                       compression=stream.compression, entries=extractor.entries, stages=stages)

@@ -463,7 +463,7 @@ class Unpacker:
         request = ApplyRequest(root=str(root), overlay=overlay, isolated=isolated, expected_diff_id=diff_id,
                                max_unpacked_size=self.max_unpacked_size, layer=layer.digest)
         try:
-            self.applier.apply(request, fd, feed=feed, on_progress=progress)
+            applied = self.applier.apply(request, fd, feed=feed, on_progress=progress)
         except NeedsParentsError:
             raise  # applied again onto the parents, from the same download
         except (FeedFailedError, CargoholdError, OSError) as exc:
@@ -475,6 +475,8 @@ class Unpacker:
                 except Exception as download_error:
                     raise download_error from exc
             raise
+        for stage, seconds in applied.stages.items():
+            stages.record(stage, seconds, nbytes=applied.size_uncompressed if stage == "extract" else 0)
         if stream is not None:
             stream.result()  # the blob's digest is verified (and the blob committed) before the snapshot
         self.content.update(layer.digest, {UNCOMPRESSED: str(diff_id)})
