@@ -184,3 +184,27 @@ def test_tree_compare_catches_mode_byte_link_and_missing_file(tmp_path: Path) ->
     assert any(p.startswith("extra0/rel: link ") and "'elsewhere'" in p for p in problems), problems
     os.removexattr(root / "extra0/xattr", "user.bench")
     assert any(p.startswith("extra0/xattr: xattrs ") for p in benchtree.compare(want, benchtree.read_tree(root)))
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+def test_a_run_whose_tree_differs_fails_naming_run_tool_layer_and_path(tmp_path: Path) -> None:
+    from cargohold.devtools import bench, benchrun
+
+    img = benchimages.build(TINY, tmp_path / "img")
+    ref = bench._reference(img)
+    dirs = [tmp_path / "raw" / str(n) for n in range(len(img.layers))]
+    for layer, d in zip(img.layers, dirs, strict=True):
+        d.mkdir(parents=True)
+        subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-xzf", str(layer.path), "-C", str(d)], check=True)
+    assert benchrun.check_raw("run 1 pull raw-floor", dirs, ref) == f"2 layers, {sum(map(len, ref.raw))} entries"
+    os.chown(dirs[1] / "extra1/empty", 1, 1)
+    with pytest.raises(benchrun.BenchError) as err:
+        benchrun.check_raw("run 1 pull raw-floor", dirs, ref)
+    assert str(err.value).startswith(f"run 1 pull raw-floor layer 1: {dirs[1]} differs from the reference:")
+    assert "extra1/empty: uid 0 != 1, gid 0 != 1 (expected != found)" in str(err.value)
+    # An overlayfs snapshot dir holding no layer of the image is named too.
+    snaps = tmp_path / "snapshots"
+    (snaps / "7" / "fs").mkdir(parents=True)
+    with pytest.raises(benchrun.BenchError, match=r"run 2 pull ctr: snapshot .*/7/fs holds layers \[\], expected"):
+        benchrun.check_overlay("run 2 pull ctr", snaps, ref)

@@ -168,7 +168,7 @@ class Bench:
             ctr = ["ctr", "--address", sock, "-n", NAMESPACE]
             t = timed([*ctr, "images", "pull", "--plain-http", "--snapshotter", snapshotter, name], log,
                       what=f"{label}: ctr images pull")
-            check_ctr_images(label, ctr, name)
+            check_ctr_images(label, ctr, name, snapshotter)
         snaps = fs / "containerd/root" / f"io.containerd.snapshotter.v1.{snapshotter}" / "snapshots"
         tree = (check_overlay if snapshotter == "overlayfs" else check_native)(label, snaps, p.reference)
         # containerd's own CPU is not counted (a daemon): compare wall times.
@@ -200,7 +200,7 @@ class Bench:
         t = timed(cmd, self.logs / f"slow-download-{run}.log", what=f"run {run} slow network download")
         for digest, size in blobs.items():  # hashing is not timed
             path = fs / digest.replace(":", "-")
-            if path.stat().st_size != size or benchtree._hash_stream(open(path, "rb"))[1] != digest[7:]:
+            if benchtree.hash_file(path) != (size, digest[7:]):
                 raise BenchError(f"run {run} slow network download: {path} is not {digest} ({size} bytes)")
         self.add(Run(scenario="slow network", tool="download", run=run, seconds=t.seconds,
                      cpu_seconds=t.cpu_seconds, check=f"{len(blobs)} blobs verified"))
@@ -297,11 +297,12 @@ def medians(runs: Sequence[Run]) -> dict[str, dict[str, float]]:
 
 def rows(runs: Sequence[Run]) -> list[dict[str, object]]:
     """The table: one row per scenario and tool, plus one per target (ratio, limit, pass/fail)."""
-    meds = medians(runs)
+    timed_runs = [r for r in runs if r.rss_sum_mb is None]  # sampled runs are reported by their peak RSS
+    meds = medians(timed_runs)
     out: list[dict[str, object]] = []
     for scenario, tools in meds.items():
         for tool, median in tools.items():
-            n = sum(1 for r in runs if r.scenario == scenario and r.tool == tool)
+            n = sum(1 for r in timed_runs if r.scenario == scenario and r.tool == tool)
             row: dict[str, object] = {"scenario": scenario, "tool": tool, "median_s": median, "runs": n,
                                       "ratio": None, "rival": None, "target": None, "pass": None}
             targets = [t for t in TARGETS if t.scenario == scenario and t.tool == tool]
@@ -404,7 +405,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--huge-mb", type=int, default=None, help="MiB of files in the huge image (default 2048; "
                    "--quick 32)")
     p.add_argument("--huge-runs", type=int, default=None, help="runs for the huge image (default 3; --quick 1)")
-    p.add_argument("--rate-mb", type=float, default=40.0, help="the slow network's rate in MB/s (default 40)")
+    p.add_argument("--rate-mb", type=float, default=None,
+                   help="the slow network's rate in MB/s (default 40; --quick 4)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)")
     p.add_argument("--fs", choices=["ext4", "tmpfs"], default=None,
@@ -418,6 +420,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.runs = args.runs or (2 if args.quick else 5)
     args.huge_mb = args.huge_mb or (32 if args.quick else 2048)
     args.huge_runs = args.huge_runs or (1 if args.quick else 3)
+    args.rate_mb = args.rate_mb or (4.0 if args.quick else 40.0)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:

@@ -319,9 +319,10 @@ def check_cargohold_images(label: str, root: Path, name: str, snapshotter: str, 
                          f"{proc.stdout.strip()} {proc.stderr.strip()}")
 
 
-def check_ctr_images(label: str, ctr: Sequence[str], name: str) -> None:
+def check_ctr_images(label: str, ctr: Sequence[str], name: str, snapshotter: str = "overlayfs") -> None:
     """``ctr images check``: the image's line says complete (blobs) and that it is unpacked."""
-    out = subprocess.run([*ctr, "images", "check"], capture_output=True, text=True).stdout
+    out = subprocess.run([*ctr, "images", "check", "--snapshotter", snapshotter], capture_output=True,
+                         text=True).stdout
     line = next((ln for ln in out.splitlines() if ln.split()[:1] == [name]), "")
     if "complete" not in line or not line.split() or line.split()[-1] != "true":
         raise BenchError(f"{label}: ctr images check: {name} is not complete and unpacked:\n{out}")

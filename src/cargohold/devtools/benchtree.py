@@ -55,6 +55,12 @@ def _hash_stream(f: object) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def hash_file(path: Path) -> tuple[int, str]:
+    """(size, sha256 hex) of a file's bytes."""
+    with open(path, "rb") as f:
+        return _hash_stream(f)
+
+
 def _norm(name: str) -> str:
     name = name.lstrip("/")
     while name.startswith("./"):
