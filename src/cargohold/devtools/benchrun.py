@@ -177,6 +177,12 @@ class Timed:
     stdout: str = ""
 
 
+def proc_cpu(pid: int) -> float:
+    """User + system seconds of a running process (e.g. the containerd daemon a ``ctr`` command drives)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
