@@ -182,6 +182,11 @@ def test_tree_compare_catches_mode_byte_link_and_missing_file(tmp_path: Path) ->
     assert "extra0/setuid: mode 4755 != 0755 (expected != found)" in problems
     assert any(p.startswith(f"{some[0]}: sha256 ") for p in problems), problems
     assert any(p.startswith("extra0/rel: link ") and "'elsewhere'" in p for p in problems), problems
+    # A hardlink turned into a copy: same bytes, one name per inode.
+    os.unlink(root / "extra0/hard")
+    shutil.copy2(root / some[0], root / "extra0/hard")
+    found = benchtree.compare(want, benchtree.read_tree(root))
+    assert any(p.startswith("extra0/hard: ") and "nlink 2 != 1" in p for p in found), found
     os.removexattr(root / "extra0/xattr", "user.bench")
     assert any(p.startswith("extra0/xattr: xattrs ") for p in benchtree.compare(want, benchtree.read_tree(root)))
 

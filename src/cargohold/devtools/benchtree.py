@@ -1,15 +1,17 @@
 """The bench's tree checks: a reference listing per layer read from the layer tar (independently of cargohold's
 extractor), the listing of a real directory, and a file-by-file comparison naming every difference.
 
-A node is (type, mode, uid, gid, size, sha256, link target, xattrs). Three views of a layer tar:
+A node is (type, mode, uid, gid, size, sha256, link target, xattrs, hard link count of a regular file).
+Three views of a layer tar:
 
 * ``raw``: entries as ``tar -x`` leaves them (whiteout files stay plain empty files);
 * ``overlay``: as an overlayfs snapshotter's upper dir holds them (``.wh.NAME`` -> a 0/0 character device
   NAME, ``.wh..wh..opq`` -> ``trusted.overlay.opaque=y`` on its directory);
 * ``merge``: the layers applied in order with OCI whiteout semantics (a native snapshot's full tree).
 
-Hardlinks become nodes equal to their target's. Modification times are not compared (tools differ on
-directory mtimes by design). Compared xattrs: ``user.*`` and ``trusted.overlay.opaque``.
+Hardlinks become nodes equal to their target's, with the link count of the group (the bench images never
+white out one name of a hardlinked file, so ``merge`` keeps the counts). Modification times are not compared
+(tools differ on directory mtimes by design). Compared xattrs: ``user.*`` and ``trusted.overlay.opaque``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Node(NamedTuple):
     sha256: str | None  # regular files only
     link: str | None  # symlink target
     xattrs: tuple[tuple[str, bytes], ...] = ()
+    nlink: int | None = None  # regular files: names of the inode (a hardlink kept as a link, not a copy)
 
 
 Listing = dict[str, Node]
@@ -73,6 +76,7 @@ def layer_listing(tar_path: Path, view: str = "raw") -> Listing:
     if view not in ("raw", "overlay"):
         raise ValueError(f"unknown view {view!r}")
     out: Listing = {}
+    links: dict[str, list[str]] = {}
     with tarfile.open(tar_path, "r|*") as tar:
         for m in tar:
             path = _norm(m.name)
@@ -95,9 +99,11 @@ def layer_listing(tar_path: Path, view: str = "raw") -> Listing:
                 f = tar.extractfile(m)
                 assert f is not None
                 size, digest = _hash_stream(f)
-                out[path] = Node("file", mode, m.uid, m.gid, size, digest, None, xattrs)
+                out[path] = Node("file", mode, m.uid, m.gid, size, digest, None, xattrs, 1)
             elif m.islnk():
-                out[path] = out[_norm(m.linkname)]
+                target = _norm(m.linkname)
+                links.setdefault(target, []).append(path)
+                out[path] = out[target]
             elif m.isdir():
                 out[path] = Node("dir", mode, m.uid, m.gid, None, None, None, xattrs)
             elif m.issym():
@@ -106,6 +112,9 @@ def layer_listing(tar_path: Path, view: str = "raw") -> Listing:
                 out[path] = Node("fifo", mode, m.uid, m.gid, None, None, None, xattrs)
             else:
                 raise ValueError(f"{tar_path}: entry {m.name!r}: type {m.type!r} is not in the bench images")
+    for target, names in links.items():
+        for name in (target, *names):
+            out[name] = out[name]._replace(nlink=len(names) + 1)
     return out
 
 
@@ -159,7 +168,8 @@ def read_tree(root: Path, *, skip: Iterable[str] = ()) -> Listing:
                 elif stat.S_ISREG(st.st_mode):
                     with open(e.path, "rb") as f:
                         size, digest = _hash_stream(f)
-                    out[path] = Node("file", mode, st.st_uid, st.st_gid, size, digest, None, xattrs)
+                    out[path] = Node("file", mode, st.st_uid, st.st_gid, size, digest, None, xattrs,
+                                     st.st_nlink)
                 elif stat.S_ISLNK(st.st_mode):
                     out[path] = Node("symlink", None, st.st_uid, st.st_gid, None, None, os.readlink(e.path))
                 elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
