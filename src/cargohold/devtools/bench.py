@@ -118,7 +118,23 @@ class Bench:
         self.args, self.work, self.fs_kind, self.say = args, work, fs_kind, say
         self.logs = work / "logs"
         self.runs: list[Run] = []
+        self.profiles: dict[str, str] = {}
         self.registry_url = ""
+
+    def tools(self, *tools: str) -> tuple[str, ...]:
+        """``tools``, or only cargohold with ``--only cargohold`` (no rival, no ratio: for development)."""
+        return tuple(t for t in tools if t == self.args.only) if self.args.only else tools
+
+    def profile(self, scenario: str, p: Pushed) -> None:
+        """One more, untimed pull with ``--profile`` (when this cargohold has it): where the time goes."""
+        helptext = subprocess.run(cargohold_cmd(self.work, "pull", "--help"), capture_output=True, text=True).stdout
+        if "--profile" not in helptext:
+            return
+        with self.fresh(f"profile-{scenario.replace(' ', '-')}", p.image) as fs:
+            proc = subprocess.run(cargohold_cmd(fs / "root", "pull", "--profile", p.ref), capture_output=True,
+                                  text=True, env=fs_env(fs), stdin=subprocess.DEVNULL)
+        self.profiles[scenario] = (proc.stdout + proc.stderr).strip()
+        self.say(f"{scenario}: cargohold pull --profile (untimed):\n{self.profiles[scenario]}")
 
     def fresh(self, name: str, image: benchimages.BenchImage) -> FreshFS:
         size = max(2048 * MIB, 5 * image.tar_bytes + 1024 * MIB)
@@ -211,8 +227,9 @@ class Bench:
     # -- scenarios ------------------------------------------------------------------------------------------
 
     def pull(self, scenario: str, p: Pushed, runs: int, *, second: bool = False) -> None:
+        self.profile(scenario, p)
         for run in range(1, runs + 1):
-            for tool in ("cargohold", "ctr", "raw-floor"):
+            for tool in self.tools("cargohold", "ctr", "raw-floor"):
                 with self.fresh(f"{scenario.replace(' ', '-')}-{tool}-{run}", p.image) as fs:
                     if tool == "cargohold":
                         self.cargohold_pull(scenario, run, fs, p, second=second)
@@ -223,7 +240,7 @@ class Bench:
 
     def native(self, p: Pushed, runs: int) -> None:
         for run in range(1, runs + 1):
-            for tool in ("cargohold", "ctr"):
+            for tool in self.tools("cargohold", "ctr"):
                 with self.fresh(f"native-{tool}-{run}", p.image) as fs:
                     if tool == "cargohold":
                         self.cargohold_pull("pull native", run, fs, p, snapshotter="native")
@@ -232,7 +249,7 @@ class Bench:
 
     def transfer(self, p: Pushed, runs: int) -> None:
         for run in range(1, runs + 1):
-            for side in ("cargohold", "rivals"):
+            for side in self.tools("cargohold", "rivals"):
                 with self.fresh(f"transfer-{side}-{run}", p.image) as fs:
                     for r in bench_transfer.run_transfer(run, side, fs, p.ref, self.logs, p.image.blob_digests(),
                                                          p.reference, lambda _msg: None):
@@ -245,7 +262,7 @@ class Bench:
             ref = f"127.0.0.1:{proxy.port}/{p.repo}:v1"
             self.say(f"slow network: proxy 127.0.0.1:{proxy.port} -> registry at {self.args.rate_mb:g} MB/s")
             for run in range(1, runs + 1):
-                for tool in ("download", "cargohold", "ctr"):
+                for tool in self.tools("download", "cargohold", "ctr"):
                     with self.fresh(f"slow-{tool}-{run}", p.image) as fs:
                         if tool == "download":
                             self.download(run, fs, p, base)
@@ -314,12 +331,11 @@ def rows(runs: Sequence[Run]) -> list[dict[str, object]]:
                 targets = [Target(scenario=scenario, tool=tool, rival=rival, limit=float("inf"))]
             if scenario == "slow network" and tool == "ctr":
                 targets = [Target(scenario=scenario, tool=tool, rival="download", limit=float("inf"))]
+            targets = [t for t in targets if not t.rival or t.rival in tools]
             if not targets:
                 out.append(row)
             for t in targets:
                 value = median if not t.rival else median / tools[t.rival] if tools.get(t.rival) else None
-                if t.rival and t.rival not in tools:
-                    continue
                 out.append({**row, "rival": t.rival or None, "ratio": value if t.rival else None,
                             "target": None if t.limit == float("inf") else f"<= {t.limit:g}{t.unit}",
                             "pass": None if t.limit == float("inf") or value is None else value <= t.limit})
@@ -376,6 +392,10 @@ def results_md(report: dict[str, object]) -> str:
     lines += ["", "## Images", ""]
     for img in report["images"].values():  # type: ignore[attr-defined]
         lines.append(f"- {img['describe']}")
+    profiles = report.get("profiles") or {}
+    for scenario, text in profiles.items():  # type: ignore[attr-defined]
+        lines += ["", f"## Where the time goes: {scenario} (`cargohold pull --profile`, one untimed run)", "",
+                  "```", text, "```"]
     lines += ["", "## Versions", ""]
     lines += [f"- {k}: {v}" for k, v in report["versions"].items()]  # type: ignore[attr-defined]
     cfg = report["config"]
@@ -414,6 +434,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the slow network's rate in MB/s (default 40; --quick 4)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)")
+    p.add_argument("--only", choices=["cargohold"], default=None,
+                   help="run cargohold only (no rivals, no ratios): for development")
     p.add_argument("--fs", choices=["ext4", "tmpfs"], default=None,
                    help="fresh filesystem per run (default: ext4 loop image when it works, else tmpfs)")
     p.add_argument("--quick", action="store_true", help="small images, 2 runs, results in a temporary directory")
@@ -487,7 +509,7 @@ def bench(args: argparse.Namespace, say: Say) -> dict[str, object]:
         return {
             "config": {"runs": args.runs, "huge_runs": args.huge_runs, "huge_mb": args.huge_mb,
                        "scale": args.scale, "rate_mb": args.rate_mb, "fs": fs_kind, "seed": args.seed,
-                       "quick": args.quick, "scenarios": args.scenarios,
+                       "quick": args.quick, "scenarios": args.scenarios, "only": args.only,
                        "work_dir": str(work) if args.keep else None},
             "versions": versions(),
             "images": {k: {"describe": p.image.describe(), "digest": p.image.digest, "layers": len(p.image.layers),
@@ -496,6 +518,7 @@ def bench(args: argparse.Namespace, say: Say) -> dict[str, object]:
             "runs": [asdict(r) for r in b.runs],
             "median_seconds": medians([r for r in b.runs if r.rss_sum_mb is None]),
             "rows": rows(b.runs),
+            "profiles": b.profiles,
         }
     finally:
         unmount_tree(work)
