@@ -213,3 +213,30 @@ def test_a_run_whose_tree_differs_fails_naming_run_tool_layer_and_path(tmp_path:
     (snaps / "7" / "fs").mkdir(parents=True)
     with pytest.raises(benchrun.BenchError, match=r"run 2 pull ctr: snapshot .*/7/fs holds layers \[\], expected"):
         benchrun.check_overlay("run 2 pull ctr", snaps, ref)
+
+
+def test_rows_give_medians_ratios_targets_and_rss_flatness() -> None:
+    from cargohold.devtools import bench
+    from cargohold.devtools.benchrun import Run
+
+    def run(scenario: str, tool: str, n: int, seconds: float, rss: float | None = None) -> Run:
+        return Run(scenario=scenario, tool=tool, run=n, seconds=seconds, cpu_seconds=0.0, check="ok",
+                   rss_sum_mb=rss, rss_max_mb=rss)
+
+    runs = [run("pull overlayfs", "cargohold", i, s) for i, s in enumerate([1.0, 3.0, 2.0, 9.0, 2.0], 1)]
+    runs += [run("pull overlayfs", "ctr", i, s) for i, s in enumerate([10.0, 8.0, 12.0, 9.0, 11.0], 1)]
+    runs += [run("pull overlayfs", "raw-floor", i, 1.6) for i in range(1, 6)]
+    runs += [run("rss main", "cargohold", 1, 3.0, 80.0), run("rss main-x2", "cargohold", 1, 5.0, 110.0)]
+    rows = bench.rows(runs)
+    by = {(r["scenario"], r["tool"], r["rival"]): r for r in rows}
+    assert by[("pull overlayfs", "cargohold", "ctr")]["median_s"] == 2.0
+    assert by[("pull overlayfs", "cargohold", "ctr")]["ratio"] == pytest.approx(0.2)
+    assert by[("pull overlayfs", "cargohold", "ctr")]["pass"] is True
+    assert by[("pull overlayfs", "cargohold", "raw-floor")]["ratio"] == pytest.approx(1.25)
+    assert by[("pull overlayfs", "cargohold", "raw-floor")]["pass"] is False
+    assert by[("pull overlayfs", "ctr", None)]["runs"] == 5
+    assert by[("rss main-x2", "cargohold", None)]["peak_rss_mb"] == 110.0
+    assert by[("rss main-x2", "cargohold", None)]["pass"] is True
+    flat = by[("rss main-x2 / rss main", "cargohold", "rss main")]
+    assert flat["ratio"] == pytest.approx(110 / 80) and flat["pass"] is False
+    assert not any(r["scenario"] == "rss main" and r["median_s"] is not None for r in rows)
