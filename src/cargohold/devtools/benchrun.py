@@ -205,7 +205,7 @@ def timed(cmd: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None
             sampler.stop()
         cpu = _children_cpu() - cpu0
     if proc.returncode != 0:
-        raise BenchError(f"{what or cmd[0]} exited {proc.returncode} (log {log}):\n{tail(log)}")
+        raise BenchError(f"{what or ' '.join(cmd)} exited {proc.returncode} (log {log}):\n{tail(log)}")
     return Timed(seconds=seconds, cpu_seconds=cpu, stdout=out.decode(errors="replace"),
                  rss_sum_mb=sampler.peak_sum_kib / 1024 if sampler else None,
                  rss_max_mb=sampler.peak_one_kib / 1024 if sampler else None)
