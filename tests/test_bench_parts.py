@@ -9,6 +9,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -240,3 +241,14 @@ def test_rows_give_medians_ratios_targets_and_rss_flatness() -> None:
     flat = by[("rss main-x2 / rss main", "cargohold", "rss main")]
     assert flat["ratio"] == pytest.approx(110 / 80) and flat["pass"] is False
     assert not any(r["scenario"] == "rss main" and r["median_s"] is not None for r in rows)
+
+
+def test_rss_sampler_sums_the_whole_process_tree(tmp_path: Path) -> None:
+    from cargohold.devtools import benchrun
+
+    hold = "import time; b = bytearray(60 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.6)"
+    script = f'{sys.executable} -c "{hold}" & {sys.executable} -c "{hold}" & wait'
+    t = benchrun.timed(["sh", "-c", script], tmp_path / "log", rss=True)
+    assert t.rss_max_mb is not None and t.rss_sum_mb is not None
+    assert 60 <= t.rss_max_mb < 100, t
+    assert t.rss_sum_mb >= 120, t
