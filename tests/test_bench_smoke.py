@@ -63,6 +63,36 @@ def test_quick_bench_checks_every_tool_and_writes_results(tmp_path: Path) -> Non
     assert _bench_mounts() == []
 
 
+@needs_root
+@needs_tools
+def test_quick_bench_slow_network_rss_many_and_huge(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cargohold.devtools.bench", "--quick", "--runs", "1", "--fs", "tmpfs", "--scale", "2",
+         "--huge-mb", "4", "--rate-mb", "8", "--scenarios", "slow,rss,many,huge", "--results-dir",
+         str(tmp_path), "--output", "json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert sorted((r["scenario"], r["tool"]) for r in report["runs"]) == sorted([
+        ("slow network", "download"), ("slow network", "cargohold"), ("slow network", "ctr"),
+        ("rss main", "cargohold"), ("rss main-x2", "cargohold"), ("many-layer", "cargohold"),
+        ("many-layer", "ctr"), ("many-layer", "raw-floor"), ("huge", "cargohold"), ("huge", "ctr"),
+        ("huge", "raw-floor")])
+    runs = {(r["scenario"], r["tool"]): r for r in report["runs"]}
+    # 8 MB/s through the proxy: the download of the main image's blobs cannot be faster than that.
+    assert runs[("slow network", "download")]["seconds"] >= report["images"]["main"]["compressed_bytes"] / 8e6
+    assert runs[("rss main", "cargohold")]["rss_sum_mb"] > 10
+    for tool in ("cargohold", "ctr"):
+        assert re.search(r"check complete; 12 layers, \d+ entries$", runs[("many-layer", tool)]["check"])
+    rows = {(r["scenario"], r["tool"], r["rival"]): r for r in report["rows"]}
+    assert rows[("slow network", "cargohold", "download")]["target"] == "<= 1.15x"
+    assert rows[("slow network", "ctr", "download")]["target"] is None
+    assert rows[("rss main-x2 / rss main", "cargohold", "rss main")]["target"] == "<= 1.25x"
+    assert report["images"]["many"]["layers"] == 12 and report["images"]["huge"]["layers"] == 1
+    assert _bench_mounts() == []
+
+
 def test_bench_rejects_an_unknown_scenario() -> None:
     proc = subprocess.run([sys.executable, "-m", "cargohold.devtools.bench", "--scenarios", "pull,fast"],
                           capture_output=True, text=True, timeout=60)

@@ -133,6 +133,8 @@ class Bench:
         with self.fresh(f"profile-{scenario.replace(' ', '-')}", p.image) as fs:
             proc = subprocess.run(cargohold_cmd(fs / "root", "pull", "--profile", p.ref), capture_output=True,
                                   text=True, env=fs_env(fs), stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise BenchError(f"{scenario}: cargohold pull --profile exited {proc.returncode}: {proc.stderr.strip()}")
         self.profiles[scenario] = (proc.stdout + proc.stderr).strip()
         self.say(f"{scenario}: cargohold pull --profile (untimed):\n{self.profiles[scenario]}")
 
