@@ -5,10 +5,11 @@ Images (``benchimages``, deterministic, built once per bench run, pushed to one 
 ``main`` (4 layers, ~24k files, ~547 MB of tar, ~4x gzip; ``--scale N`` makes N times the files), ``many-layer``
 (40 small layers), ``huge`` (one layer of ``--huge-mb`` MiB of files).
 
-Scenarios (tools alternate run by run; each run on a brand-new filesystem, a loop-mounted ext4 by default):
+Scenarios (tools alternate run by run, their order rotated each run; each run on a brand-new filesystem, a
+loop-mounted ext4 by default):
 
 * ``pull``: ``cargohold pull`` (overlayfs) vs ``ctr images pull`` vs the raw floor (for each layer in turn:
-  ``curl -s BLOB | pigz -dc | tar --xattrs -x -C DIR``; no digest is verified, nothing is fsynced); then a
+  ``curl -sf BLOB | pigz -dc | tar --xattrs -x -C DIR``; no digest is verified, nothing is fsynced); then a
   second ``cargohold pull`` of the complete, unpacked image, which must fetch nothing and apply no layer.
 * ``native``: ``cargohold pull --snapshotter native`` vs ``ctr images pull --snapshotter native``.
 * ``transfer``: export, import (with unpack), copy to an oci-archive, flatten to a rootfs (``bench_transfer``).
@@ -121,9 +122,13 @@ class Bench:
         self.profiles: dict[str, str] = {}
         self.registry_url = ""
 
-    def tools(self, *tools: str) -> tuple[str, ...]:
-        """``tools``, or only cargohold with ``--only cargohold`` (no rival, no ratio: for development)."""
-        return tuple(t for t in tools if t == self.args.only) if self.args.only else tools
+    def tools(self, *tools: str, run: int) -> tuple[str, ...]:
+        """``tools`` in the order for run ``run`` (rotated each run, so that no tool always goes first), or only
+        cargohold with ``--only cargohold`` (no rival, no ratio: for development)."""
+        if self.args.only:
+            return tuple(t for t in tools if t == self.args.only)
+        k = (run - 1) % len(tools)
+        return tools[k:] + tools[:k]
 
     def profile(self, scenario: str, p: Pushed) -> None:
         """One more, untimed pull with ``--profile`` (when this cargohold has it): where the time goes."""
@@ -231,7 +236,7 @@ class Bench:
     def pull(self, scenario: str, p: Pushed, runs: int, *, second: bool = False) -> None:
         self.profile(scenario, p)
         for run in range(1, runs + 1):
-            for tool in self.tools("cargohold", "ctr", "raw-floor"):
+            for tool in self.tools("cargohold", "ctr", "raw-floor", run=run):
                 with self.fresh(f"{scenario.replace(' ', '-')}-{tool}-{run}", p.image) as fs:
                     if tool == "cargohold":
                         self.cargohold_pull(scenario, run, fs, p, second=second)
@@ -242,7 +247,7 @@ class Bench:
 
     def native(self, p: Pushed, runs: int) -> None:
         for run in range(1, runs + 1):
-            for tool in self.tools("cargohold", "ctr"):
+            for tool in self.tools("cargohold", "ctr", run=run):
                 with self.fresh(f"native-{tool}-{run}", p.image) as fs:
                     if tool == "cargohold":
                         self.cargohold_pull("pull native", run, fs, p, snapshotter="native")
@@ -251,7 +256,7 @@ class Bench:
 
     def transfer(self, p: Pushed, runs: int) -> None:
         for run in range(1, runs + 1):
-            for side in self.tools("cargohold", "rivals"):
+            for side in self.tools("cargohold", "rivals", run=run):
                 with self.fresh(f"transfer-{side}-{run}", p.image) as fs:
                     for r in bench_transfer.run_transfer(run, side, fs, p.ref, self.logs, p.image.blob_digests(),
                                                          p.reference, lambda _msg: None):
@@ -264,7 +269,7 @@ class Bench:
             ref = f"127.0.0.1:{proxy.port}/{p.repo}:v1"
             self.say(f"slow network: proxy 127.0.0.1:{proxy.port} -> registry at {self.args.rate_mb:g} MB/s")
             for run in range(1, runs + 1):
-                for tool in self.tools("download", "cargohold", "ctr"):
+                for tool in self.tools("download", "cargohold", "ctr", run=run):
                     with self.fresh(f"slow-{tool}-{run}", p.image) as fs:
                         if tool == "download":
                             self.download(run, fs, p, base)
