@@ -86,8 +86,7 @@ def already_pulled(
     snapshotter and the config's ``gc.ref.snapshot`` label names the top one. Only the store is read (records,
     labels, manifests): nothing is fetched, applied or written, not even the image's ``updated_at``. Events and
     the result are those of a full pull that found everything: each blob "fetch exists", each layer "apply
-    exists".
-    Anything unexpected (an artifact, a missing manifest, a remote snapshotter) leaves the decision, and its
+    exists". Anything unexpected (an artifact, a missing manifest, a remote snapshotter) leaves the decision, and its
     error, to the full pull.
     """
     try:
@@ -107,7 +106,9 @@ def _already_pulled(store: Store, reference: Reference, target: Descriptor, *, e
                     snapshotter: str | None) -> tuple[PullResult, list[Event]]:
     name = str(reference)
     image = store.images.get(name)  # NotFoundError: a first pull
-    if image.target != target or image.target.annotations != target.annotations or image.labels:
+    have = image.target  # as the record keeps it: a full pull would store the resolved target's same fields
+    if (have.media_type, have.digest, have.size, dict(have.annotations)) != (
+            target.media_type, target.digest, target.size, dict(target.annotations)) or image.labels:
         raise _NotPulled()
     content = store.content
     (source_key, repo), = source_label(reference).items()
