@@ -13,6 +13,14 @@ if [ "$what" = bench ] || [ "$what" = test ]; then
   have skopeo || need="$need skopeo"
   have umoci || need="$need umoci"
 fi
+if [ "$what" = bench ]; then
+  # the raw floor the bench runs: curl BLOB | pigz -dc | tar -x, onto loop-mounted ext4 filesystems
+  have curl || need="$need curl"
+  have pigz || need="$need pigz"
+  have tar || need="$need tar"
+  have mkfs.ext4 || need="$need e2fsprogs"
+  have losetup || need="$need mount"
+fi
 if [ "$what" = test ]; then
   # tests/test_rootless.py runs the CLI as nobody with the system interpreter (the venv's may be unreadable)
   [ -x /usr/bin/python3 ] || need="$need python3"

@@ -1,9 +1,8 @@
-"""``make bench`` at a tiny size: both tools pull and unpack the generated image, the bench prints ratios and
-leaves nothing mounted."""
+"""``make bench`` at a tiny size: every tool runs and is checked, the bench prints ratios and targets, writes
+results.md, results.json and chart.png, and leaves nothing mounted."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,13 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cargohold.devtools import bench, samples
-
-needs_containerd = pytest.mark.skipif(
-    not all(shutil.which(c) for c in ("ctr", "containerd", "skopeo", "umoci")),
-    reason="needs containerd and ctr, skopeo, umoci (Debian packages containerd, skopeo, umoci)",
+needs_tools = pytest.mark.skipif(
+    not all(shutil.which(c) for c in ("ctr", "containerd", "skopeo", "umoci", "docker-registry", "curl", "pigz")),
+    reason="needs containerd/ctr, skopeo, umoci, docker-registry, curl, pigz (scripts/install-system-deps.sh bench)",
 )
-needs_registry = pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs docker-registry")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a fresh filesystem per run")
 
 
@@ -29,81 +25,76 @@ def _bench_mounts() -> list[str]:
         return [line.split()[4] for line in f if "cargohold-bench-" in line.split()[4]]
 
 
-def test_generated_files_are_deterministic_small_and_compressible() -> None:
-    a = bench.generate_files(5, 2 << 20, "layer0")
-    b = bench.generate_files(5, 2 << 20, "layer0")
-    assert a == b
-    assert bench.generate_files(6, 2 << 20, "layer0") != a
-    sizes = [len(d) for d in a.values()]
-    assert 1024 <= min(sizes) and max(sizes) <= 32 * 1024
-    assert sum(sizes) >= 2 << 20
-    assert 100 < len(a) < 1000
-    tar = samples.files_layer(a)
-    ratio = len(tar) / len(samples.gzip_bytes(tar))
-    assert 1.8 < ratio < 4.0
-
-
 @needs_root
-@needs_registry
-@needs_containerd
-def test_bench_runs_both_tools_and_prints_ratio() -> None:
+@needs_tools
+def test_quick_bench_checks_every_tool_and_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "cargohold.devtools.bench", "--size-mb", "4", "--runs", "1"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    assert re.search(r"^run 1 cargohold +[\d.]+s .*ok: 4 snapshots, \d+ files$", out, re.M), out
-    assert re.search(r"^run 1 ctr +[\d.]+s .*ok: 4 snapshots, \d+ files$", out, re.M), out
-    assert re.search(r"^median cargohold +[\d.]+s$", out, re.M), out
-    assert re.search(r"^median ctr +[\d.]+s$", out, re.M), out
-    assert re.search(r"^ratio cargohold/ctr \(median\): \d+\.\d\dx$", out, re.M), out
-    # The transfer half: every step by cargohold and its rival, checked, with a ratio each.
-    for step, rival, check in [("export", "ctr", r"6 blobs"), ("import", "ctr", r"complete, unpacked"),
-                               ("copy", "skopeo", r"6 blobs"), ("rootfs", "umoci", r"\d+ files")]:
-        for tool in ("cargohold", rival):
-            assert re.search(rf"^run 1 {step} +{tool} +[\d.]+s +ok: {check}$", out, re.M), out
-        assert re.search(rf"^ratio {step} cargohold/{rival} \(median\): \d+\.\d\dx$", out, re.M), out
-    assert _bench_mounts() == []
-
-
-@needs_root
-@needs_registry
-@needs_containerd
-def test_bench_json_output_on_tmpfs() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cargohold.devtools.bench", "--size-mb", "2", "--layers", "2", "--runs", "1",
-         "--fs", "tmpfs", "--output", "json"],
-        capture_output=True, text=True, timeout=240,
+        [sys.executable, "-m", "cargohold.devtools.bench", "--quick", "--runs", "1", "--fs", "tmpfs",
+         "--scenarios", "pull,transfer", "--results-dir", str(out), "--output", "json"],
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["config"]["fs"] == "tmpfs"
-    assert [(r["tool"], r["snapshots"], r["files"]) for r in report["runs"]] == [
-        ("cargohold", 2, report["image"]["files"]), ("ctr", 2, report["image"]["files"])]
+    ran = sorted((r["scenario"], r["tool"]) for r in report["runs"])
+    assert ran == sorted([
+        ("pull overlayfs", "cargohold"), ("second pull", "cargohold"), ("pull overlayfs", "ctr"),
+        ("pull overlayfs", "raw-floor"), ("export", "cargohold"), ("export", "ctr"), ("import", "cargohold"),
+        ("import", "ctr"), ("copy", "cargohold"), ("copy", "skopeo"), ("rootfs", "cargohold"), ("rootfs", "umoci")])
+    layers = report["images"]["main"]["layers"]
+    for r in report["runs"]:
+        if r["scenario"] == "pull overlayfs" and r["tool"] != "raw-floor":
+            assert re.search(rf"complete; {layers} layers, \d+ entries$", r["check"]), r
+        if r["scenario"] in ("export", "copy"):
+            assert r["check"] == f"{layers + 2} blobs verified", r
     medians = report["median_seconds"]
-    assert report["ratio"] == pytest.approx(medians["cargohold"] / medians["ctr"])
-    transfer = report["transfer"]
-    assert sorted((r["step"], r["tool"]) for r in transfer["runs"]) == sorted(
-        [("export", "cargohold"), ("export", "ctr"), ("import", "cargohold"), ("import", "ctr"),
-         ("copy", "cargohold"), ("copy", "skopeo"), ("rootfs", "cargohold"), ("rootfs", "umoci")])
-    assert set(transfer["ratios"]) == {"export", "import", "copy", "rootfs"}
+    ratios = {(r["scenario"], r["rival"]): r for r in report["rows"] if r["ratio"] is not None}
+    row = ratios[("pull overlayfs", "raw-floor")]
+    pull = medians["pull overlayfs"]
+    assert row["ratio"] == pytest.approx(pull["cargohold"] / pull["raw-floor"])
+    assert row["target"] == "<= 1x" and row["pass"] is (row["ratio"] <= 1.0)
+    assert set(ratios) >= {("pull overlayfs", "ctr"), ("export", "ctr"), ("import", "ctr"), ("copy", "skopeo"),
+                           ("rootfs", "umoci")}
+    md = (out / "results.md").read_text()
+    assert "| pull overlayfs | cargohold |" in md and "containerd: containerd github.com/containerd" in md
+    assert json.loads((out / "results.json").read_text())["runs"] == report["runs"]
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _bench_mounts() == []
 
 
-def test_scan_tree_counts_files_and_names_wrong_or_missing_probes(tmp_path: Path) -> None:
-    files = bench.generate_files(9, 64 << 10, "layer0")
-    paths = sorted(files)
-    for i, path in enumerate(paths):
-        target = tmp_path / str(i % 2 + 1) / "fs" / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(files[path])
-    probes = {p: hashlib.sha256(files[p]).hexdigest() for p in paths[:3]}
-    tree = bench.scan_tree(tmp_path, probes)
-    assert (tree.files, tree.file_bytes, tree.bad) == (len(files), sum(map(len, files.values())), ())
+@needs_root
+@needs_tools
+def test_quick_bench_slow_network_rss_many_and_huge(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cargohold.devtools.bench", "--quick", "--runs", "1", "--fs", "tmpfs", "--scale", "2",
+         "--huge-mb", "4", "--rate-mb", "8", "--scenarios", "slow,rss,many,huge", "--results-dir",
+         str(tmp_path), "--output", "json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert sorted((r["scenario"], r["tool"]) for r in report["runs"]) == sorted([
+        ("slow network", "download"), ("slow network", "cargohold"), ("slow network", "ctr"),
+        ("rss main", "cargohold"), ("rss main-x2", "cargohold"), ("many-layer", "cargohold"),
+        ("many-layer", "ctr"), ("many-layer", "raw-floor"), ("huge", "cargohold"), ("huge", "ctr"),
+        ("huge", "raw-floor")])
+    runs = {(r["scenario"], r["tool"]): r for r in report["runs"]}
+    # 8 MB/s through the proxy: the download of the main image's blobs cannot be faster than that.
+    assert runs[("slow network", "download")]["seconds"] >= report["images"]["main"]["compressed_bytes"] / 8e6
+    assert runs[("rss main", "cargohold")]["rss_sum_mb"] > 10
+    for tool in ("cargohold", "ctr"):
+        assert re.search(r"check complete; 12 layers, \d+ entries$", runs[("many-layer", tool)]["check"])
+    rows = {(r["scenario"], r["tool"], r["rival"]): r for r in report["rows"]}
+    assert rows[("slow network", "cargohold", "download")]["target"] == "<= 1.15x"
+    assert rows[("slow network", "ctr", "download")]["target"] is None
+    assert rows[("rss main-x2 / rss main", "cargohold", "rss main")]["target"] == "<= 1.25x"
+    assert report["images"]["many"]["layers"] == 12 and report["images"]["huge"]["layers"] == 1
+    assert _bench_mounts() == []
 
-    (tmp_path / "1" / "fs" / paths[0]).write_bytes(b"other bytes")
-    (tmp_path / "2" / "fs" / paths[1]).unlink()
-    tree = bench.scan_tree(tmp_path, probes)
-    assert tree.files == len(files) - 1
-    assert tree.bad == (paths[0], paths[1])
+
+def test_bench_rejects_an_unknown_scenario() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cargohold.devtools.bench", "--scenarios", "pull,fast"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown scenario 'fast'" in proc.stderr and "Traceback" not in proc.stderr

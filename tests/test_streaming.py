@@ -4,6 +4,7 @@ written (one pass: the blob is written and hashed once, never read back from the
 from __future__ import annotations
 
 import json
+import random
 import threading
 from contextlib import closing
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from cargohold.client import Client
 from cargohold.devtools import samples
+from cargohold.devtools.benchnet import RateLimitedProxy
 from cargohold.diff.worker import ApplyPool
 from cargohold.events import Event
 from support.cli import cli
@@ -65,3 +67,26 @@ def test_downloads_never_wait_for_applies(registry, tmp_path: Path, monkeypatch:
     assert read_tree(flat) == expected_tree(ENTRIES)
     check = json.loads(cli(root, "images", "check", "--output", "json").stdout)
     assert [c["status"] for c in check] == ["complete"]
+
+
+def test_a_layer_is_applied_while_it_downloads(registry, tmp_path: Path) -> None:
+    """Through a slow link (a rate-limited proxy in front of the registry) the layer's apply reports progress
+    before its download is done: one pass, the apply following the bytes the content writer stores."""
+    rng = random.Random(5)
+    files = {f"data/f{i:03d}.bin": rng.randbytes(48 << 10) for i in range(120)}  # ~5.6 MiB, incompressible
+    img = samples.build_image([samples.files_layer(files)])
+    samples.push(registry.url, "stream/slow", "v1", img)
+    layer = str(img.layers[0].digest)
+    events: list[Event] = []
+    with RateLimitedProxy(("127.0.0.1", int(registry.host.rsplit(":", 1)[1])), rate=2.5e6) as proxy:
+        ref = f"127.0.0.1:{proxy.port}/stream/slow:v1"
+        with closing(Client(tmp_path / "root", on_event=events.append)) as client:
+            client.pull(ref)
+            flat = tmp_path / "flat"
+            client.rootfs(ref, flat)
+    fetch_done = next(n for n, e in enumerate(events)
+                      if e.action == "fetch" and e.status == "done" and e.item == layer)
+    applying = [n for n, e in enumerate(events) if e.action == "apply" and e.status == "running"
+                and e.item == layer and (e.current or 0) > 0]
+    assert applying and applying[0] < fetch_done, "the apply waited for the whole download"
+    assert {p: (flat / p).read_bytes() for p in files} == files

@@ -50,9 +50,11 @@ class State:
     """The global options, and the cancellation token of this run (set by Ctrl-C and SIGTERM)."""
 
     def __init__(self, root: Path, namespace: str, hosts_dir: Path | None, plain_http: bool, config: Config,
-                 *, cancel: Cancel | None = None, stoppers: list[Callable[[], None]] | None = None) -> None:
+                 *, cancel: Cancel | None = None, stoppers: list[Callable[[], None]] | None = None,
+                 closers: list[Callable[[], None]] | None = None) -> None:
         self.cancel = cancel or Cancel()
         self.stoppers = stoppers if stoppers is not None else []
+        self.closers = closers if closers is not None else []
         self.root = root
         self.namespace = namespace
         self.hosts_dir = hosts_dir
@@ -76,6 +78,7 @@ class State:
             create=create,
         )
         self.stoppers.append(client.stop)
+        self.closers.append(client.close)
         return client
 
 

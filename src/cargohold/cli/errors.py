@@ -44,6 +44,8 @@ class Signals:
     received: list[int] = field(default_factory=list)
     # Called on interruption, before waiting for the threads: each client's ``stop`` (drop queued work).
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+    # Called when the command has ended without interruption: each client's ``close`` (pools, database).
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def status(self) -> int:

@@ -7,24 +7,15 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from cargohold.cli.output import human_size
 from cargohold.events import Event
+
+if TYPE_CHECKING:  # rich is imported only when a terminal shows bars: plain lines and --quiet never load it
+    from rich.progress import Progress, TaskID
 
 _KIND_NAMES = {
     "manifest": "manifest",
@@ -60,12 +51,28 @@ def short_digest(item: str) -> str:
     return item
 
 
-class _BinarySpeedColumn(ProgressColumn):
-    """Transfer speed in the binary units every other size uses (rich's own column is decimal)."""
+def _bars(stream: TextIO) -> Progress:
+    """The rich progress display of a terminal (rich loaded here, on first use)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+    from rich.text import Text
 
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("?" if speed is None else f"{human_size(int(speed))}/s", style="progress.data.speed")
+    class BinarySpeedColumn(ProgressColumn):
+        """Transfer speed in the binary units every other size uses (rich's own column is decimal)."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{human_size(int(speed))}/s", style="progress.data.speed")
+
+    return Progress(
+        TextColumn("{task.fields[action]:<7} {task.fields[kind]:<8} {task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        BinarySpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=stream),
+        transient=False,
+    )
 
 
 def _quiet_from_context() -> bool:
@@ -93,16 +100,8 @@ class ProgressRenderer:
         self._lock = threading.Lock()
         self._tasks: dict[tuple[str, str], TaskID] = {}
         self._progress: Progress | None = None
-        if self.tty and not quiet:
-            self._progress = Progress(
-                TextColumn("{task.fields[action]:<7} {task.fields[kind]:<8} {task.description}"),
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                _BinarySpeedColumn(),
-                TimeRemainingColumn(),
-                console=Console(file=self.stream),
-                transient=False,
-            )
+        if self.tty and not self.quiet:
+            self._progress = _bars(self.stream)
 
     def __enter__(self) -> ProgressRenderer:
         if self._progress is not None:

@@ -1,175 +1,132 @@
-"""The transfer half of ``make bench``: moving an image, cargohold against the tool people use for each job.
+"""The transfer scenarios of ``make bench``: moving an image, cargohold against the tool people use for each job.
 
-On the benchmark image (already in a local registry), each run and tool gets a fresh filesystem:
+On the benchmark image (already in the local registry), each run and side gets a fresh filesystem:
 
 * export       ``cargohold export``                 vs ``ctr images export``  (from each tool's own store)
 * import       ``cargohold import`` (with unpack)   vs ``ctr images import`` (with unpack), into a new store
 * copy         ``cargohold copy REF oci-archive:``  vs ``skopeo copy docker://REF oci-archive:``
-* rootfs       ``cargohold rootfs``                 vs ``umoci unpack`` (image already local to both)
+* rootfs       ``cargohold rootfs``                 vs ``umoci raw unpack`` (image already local to both; ``raw
+  unpack`` writes only the rootfs: no mtree manifest, no runtime config, as ``cargohold rootfs``)
 
 Only the named command is timed; the set-up (pulling into the store, starting containerd, laying out an OCI
-directory for umoci) is not. Every result is checked: archives are read back, rootfs trees are counted.
+directory for umoci) is not. Every result is checked, untimed: archives blob by blob (each ``blobs/sha256/``
+entry hashes to its name, and every blob of the image is there), imports with ``images check`` and the snapshot
+trees, rootfs trees against the merged reference listing.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import statistics
-import subprocess
-import sys
+import hashlib
 import tarfile
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from cargohold.devtools.containerd import containerd, tail
+from cargohold.devtools.benchrun import (
+    BenchError,
+    Reference,
+    Run,
+    cargohold_cmd,
+    check_cargohold_images,
+    check_ctr_images,
+    check_merged,
+    check_overlay,
+    fs_env,
+    timed,
+)
+from cargohold.devtools.containerd import containerd
 
 STEPS = ("export", "import", "copy", "rootfs")
 RIVALS = {"export": "ctr", "import": "ctr", "copy": "skopeo", "rootfs": "umoci"}
+NAMESPACE = "bench"
 
 
-class TransferError(Exception):
-    """A step failed (the message names the command and its log)."""
+def check_archive(label: str, path: Path, blobs: Mapping[str, int]) -> str:
+    """Every ``blobs/sha256/<hex>`` entry of the OCI archive hashes to its name and every blob of the image
+    (``blobs``: digest -> size) is in it."""
+    found: dict[str, int] = {}
+    with tarfile.open(path, "r|*") as tar:
+        for m in tar:
+            name = m.name.lstrip("./")
+            if not (m.isreg() and name.startswith("blobs/sha256/")):
+                continue
+            f = tar.extractfile(m)
+            assert f is not None
+            h = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            digest = "sha256:" + name.rsplit("/", 1)[1]
+            if "sha256:" + h.hexdigest() != digest:
+                raise BenchError(f"{label}: {path}: entry {m.name} hashes to sha256:{h.hexdigest()}")
+            found[digest] = m.size
+    missing = [d for d in blobs if found.get(d) != blobs[d]]
+    if missing:
+        raise BenchError(f"{label}: {path}: blobs missing or of another size: {', '.join(missing)}")
+    return f"{len(found)} blobs verified"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StepResult:
-    run: int
-    step: str
-    tool: str
-    seconds: float
-    check: str  # what was verified, e.g. "4 layers" or "5731 files"
+def run_transfer(run: int, side: str, fs: Path, ref: str, logs: Path, blobs: Mapping[str, int],
+                 reference: Reference, say: Callable[[str], None]) -> list[Run]:
+    """All steps for ``side`` ("cargohold" or "rivals") on the fresh filesystem ``fs``."""
+    env = fs_env(fs)
+    log = logs / f"transfer-{side}-{run}.log"
+    results: list[Run] = []
+
+    def record(step: str, who: str, seconds: float, cpu: float, check: str) -> None:
+        results.append(Run(scenario=step, tool=who, run=run, seconds=seconds, cpu_seconds=cpu, check=check))
+        say(f"run {run} {step:<7} {who:<9} {seconds:7.2f}s  ok: {check}")
+
+    if side == "cargohold":
+        root = fs / "root"
+        timed(cargohold_cmd(root, "pull", "--no-unpack", ref), log, env=env)
+        out = fs / "export.tar"
+        t = timed(cargohold_cmd(root, "export", str(out), ref), log, env=env)
+        record("export", "cargohold", t.seconds, t.cpu_seconds, check_archive(f"run {run} export cargohold", out,
+                                                                               blobs))
+        label = f"run {run} import cargohold"
+        t = timed(cargohold_cmd(fs / "root2", "import", "--snapshotter", "overlayfs", str(out)), log, env=env)
+        check_cargohold_images(label, fs / "root2", ref, "overlayfs", env)
+        record("import", "cargohold", t.seconds, t.cpu_seconds,
+               "images check complete; " + check_overlay(label, fs / "root2/snapshots/overlayfs/snapshots",
+                                                         reference))
+        copied = fs / "copy.tar"
+        t = timed(cargohold_cmd(fs / "root3", "copy", ref, f"oci-archive:{copied}"), log, env=env)
+        record("copy", "cargohold", t.seconds, t.cpu_seconds,
+               check_archive(f"run {run} copy cargohold", copied, blobs))
+        flat = fs / "rootfs"
+        t = timed(cargohold_cmd(root, "rootfs", ref, str(flat)), log, env=env)
+        record("rootfs", "cargohold", t.seconds, t.cpu_seconds,
+               check_merged(f"run {run} rootfs cargohold", flat, reference))
+        return results
+
+    # The rivals: containerd's ctr, skopeo, umoci.
+    first = fs / "c1"
+    first.mkdir()
+    out = fs / "export.tar"
+    with containerd(first, logs / f"containerd-transfer-{run}-a.log", env=env) as (sock, _):
+        ctr = ["ctr", "--address", sock, "-n", NAMESPACE]
+        timed([*ctr, "images", "pull", "--plain-http", ref], log, env=env)
+        t = timed([*ctr, "images", "export", str(out), ref], log, env=env)
+        record("export", "ctr", t.seconds, t.cpu_seconds, check_archive(f"run {run} export ctr", out, blobs))
+    second = fs / "c2"
+    second.mkdir()
+    label = f"run {run} import ctr"
+    with containerd(second, logs / f"containerd-transfer-{run}-b.log", env=env) as (sock, _):
+        ctr = ["ctr", "--address", sock, "-n", NAMESPACE]
+        t = timed([*ctr, "images", "import", str(out)], log, env=env)
+        check_ctr_images(label, ctr, ref)
+    record("import", "ctr", t.seconds, t.cpu_seconds, "images check complete; " + check_overlay(
+        label, second / "containerd/root/io.containerd.snapshotter.v1.overlayfs/snapshots", reference))
+    copied = fs / "copy.tar"
+    skopeo = ["skopeo", "copy", "--quiet", "--src-tls-verify=false"]
+    t = timed([*skopeo, f"docker://{ref}", f"oci-archive:{copied}"], log, env=env)
+    record("copy", "skopeo", t.seconds, t.cpu_seconds, check_archive(f"run {run} copy skopeo", copied, blobs))
+    layout = fs / "layout"
+    timed([*skopeo, f"docker://{ref}", f"oci:{layout}:bench"], log, env=env)
+    flat = fs / "rootfs"
+    t = timed(["umoci", "raw", "unpack", "--image", f"{layout}:bench", str(flat)], log, env=env)
+    record("rootfs", "umoci", t.seconds, t.cpu_seconds, check_merged(f"run {run} rootfs umoci", flat, reference))
+    return results
 
 
 def needed_commands() -> list[str]:
     return ["containerd", "ctr", "skopeo", "umoci"]
-
-
-def _timed(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> float:
-    os.sync()
-    t0 = time.perf_counter()
-    with open(log, "ab") as out:
-        out.write(f"$ {' '.join(cmd)}\n".encode())
-        out.flush()
-        rc = subprocess.run(list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env).returncode
-    seconds = time.perf_counter() - t0
-    if rc != 0:
-        raise TransferError(f"{cmd[0]} {' '.join(cmd[1:3])} exited {rc} (log {log}):\n{tail(log)}")
-    return seconds
-
-
-def _setup(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> None:
-    _timed(cmd, log, env)
-
-
-def _archive_layers(path: Path) -> int:
-    """Blob entries of an OCI layout archive (a truncated archive fails here)."""
-    with tarfile.open(path, "r:*") as tar:
-        names = tar.getnames()
-    if "index.json" not in names:
-        raise TransferError(f"{path}: no index.json in the archive")
-    return sum(1 for n in names if n.startswith("blobs/sha256/"))
-
-
-def _count_files(root: Path) -> int:
-    files = 0
-    for _, _, names in os.walk(root):
-        files += len(names)
-    return files
-
-
-def _cargohold(root: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "cargohold.cli.main", "--root", str(root), "--plain-http", *args]
-
-
-def run_transfer(run: int, tool: str, fs: Path, ref: str, logs: Path, expect_files: int,
-                 say: Callable[[str], None]) -> list[StepResult]:
-    """All steps for ``tool`` ("cargohold" or "rivals") on the fresh filesystem ``fs``."""
-    env = {**os.environ, "TMPDIR": str(fs / "tmp")}
-    (fs / "tmp").mkdir(exist_ok=True)
-    log = logs / f"transfer-{tool}-{run}.log"
-    results: list[StepResult] = []
-
-    def record(step: str, who: str, seconds: float, check: str) -> None:
-        results.append(StepResult(run=run, step=step, tool=who, seconds=seconds, check=check))
-        say(f"run {run} {step:<7} {who:<9} {seconds:7.2f}s  ok: {check}")
-
-    if tool == "cargohold":
-        root = fs / "root"
-        _setup(_cargohold(root, "pull", "--no-unpack", ref), log, env)
-        out = fs / "export.tar"
-        record("export", "cargohold", _timed(_cargohold(root, "export", str(out), ref), log, env),
-               f"{_archive_layers(out)} blobs")
-        seconds = _timed(_cargohold(fs / "root2", "import", "--snapshotter", "overlayfs", str(out)), log, env)
-        check = subprocess.run(_cargohold(fs / "root2", "images", "check"), capture_output=True, text=True, env=env)
-        if check.returncode != 0:
-            raise TransferError(f"cargohold images check after import: {check.stdout}{check.stderr}")
-        record("import", "cargohold", seconds, "complete, unpacked")
-        copied = fs / "copy.tar"
-        record("copy", "cargohold",
-               _timed(_cargohold(fs / "root3", "copy", ref, f"oci-archive:{copied}"), log, env),
-               f"{_archive_layers(copied)} blobs")
-        flat = fs / "rootfs"
-        seconds = _timed(_cargohold(root, "rootfs", ref, str(flat)), log, env)
-        record("rootfs", "cargohold", seconds, _files_check(_count_files(flat), expect_files, flat))
-        return results
-
-    # The rivals: containerd's ctr, skopeo, umoci.
-    short = fs / "c1"
-    short.mkdir()
-    out = fs / "export.tar"
-    with containerd(short, logs / f"containerd-transfer-{run}-a.log", env=env) as (sock, _):
-        ctr = ["ctr", "--address", sock, "-n", "bench"]
-        _setup([*ctr, "images", "pull", "--plain-http", ref], log, env)
-        record("export", "ctr", _timed([*ctr, "images", "export", str(out), ref], log, env),
-               f"{_archive_layers(out)} blobs")
-    second = fs / "c2"
-    second.mkdir()
-    with containerd(second, logs / f"containerd-transfer-{run}-b.log", env=env) as (sock, _):
-        ctr = ["ctr", "--address", sock, "-n", "bench"]
-        seconds = _timed([*ctr, "images", "import", str(out)], log, env)
-        listing = subprocess.run([*ctr, "images", "check"], capture_output=True, text=True, env=env).stdout
-        if "complete" not in listing:
-            raise TransferError(f"ctr images check after import:\n{listing}")
-        record("import", "ctr", seconds, "complete, unpacked")
-    copied = fs / "copy.tar"
-    skopeo = ["skopeo", "copy", "--quiet", "--src-tls-verify=false"]
-    record("copy", "skopeo", _timed([*skopeo, f"docker://{ref}", f"oci-archive:{copied}"], log, env),
-           f"{_archive_layers(copied)} blobs")
-    layout = fs / "layout"
-    _setup([*skopeo, f"docker://{ref}", f"oci:{layout}:bench"], log, env)
-    bundle = fs / "bundle"
-    seconds = _timed(["umoci", "unpack", "--image", f"{layout}:bench", str(bundle)], log, env)
-    record("rootfs", "umoci", seconds, _files_check(_count_files(bundle / "rootfs"), expect_files, bundle))
-    return results
-
-
-def _files_check(found: int, expected: int, where: Path) -> str:
-    # The generated image holds only regular files below layerN/ (plus the base directories' entries).
-    if found < expected:
-        raise TransferError(f"{where}: {found} files, expected at least {expected}")
-    return f"{found} files"
-
-
-def medians(results: Sequence[StepResult]) -> dict[str, dict[str, float]]:
-    """step -> tool -> median seconds."""
-    out: dict[str, dict[str, float]] = {}
-    for step in STEPS:
-        for tool in ("cargohold", RIVALS[step]):
-            times = [r.seconds for r in results if r.step == step and r.tool == tool]
-            if times:
-                out.setdefault(step, {})[tool] = statistics.median(times)
-    return out
-
-
-def ratios(meds: dict[str, dict[str, float]]) -> dict[str, float]:
-    """step -> cargohold / rival (median seconds); below 1 is faster."""
-    return {step: tools["cargohold"] / tools[RIVALS[step]] for step, tools in meds.items()
-            if "cargohold" in tools and RIVALS[step] in tools and tools[RIVALS[step]] > 0}
-
-
-def missing_commands() -> list[str]:
-    return [c for c in needed_commands() if not shutil.which(c)]

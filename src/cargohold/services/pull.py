@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from cargohold import stages
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.diff.worker import ApplyPool, shared_pool
-from cargohold.errors import LimitExceededError, UnsupportedMediaTypeError
+from cargohold.errors import CargoholdError, LimitExceededError, UnsupportedMediaTypeError
 from cargohold.events import Event, EventSink
 from cargohold.images.handlers import (
     Handler,
@@ -22,13 +22,14 @@ from cargohold.images.handlers import (
     dispatch,
     filter_platforms,
     limit_manifests,
+    manifest_children_labels,
     read_manifest_or_index,
     set_children_labels,
 )
 from cargohold.images.image import manifest_for, resolve_manifest
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.images import Image
-from cargohold.metadata.labels import LEASE_PULL
+from cargohold.metadata.labels import LABEL_GC_REF_SNAPSHOT, LEASE_PULL
 from cargohold.oci import kinds
 from cargohold.oci import mediatypes as mt
 from cargohold.oci.artifact import is_image, not_runnable_message
@@ -42,8 +43,9 @@ from cargohold.remotes.sources import fetch_one as fetch_blob_once
 from cargohold.remotes.sources import source_label
 from cargohold.services import images
 from cargohold.services.unpack import layer_labels_fn, new_unpacker
+from cargohold.snapshots.base import Kind
 from cargohold.store import Store
-from cargohold.unpack.unpacker import UnpackResult
+from cargohold.unpack.unpacker import LayerOutcome, UnpackResult
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +59,125 @@ class PullResult:
     @property
     def fetched_bytes(self) -> int:
         return sum(d.size for d in self.fetched)
+
+
+# -- the second pull: nothing to do ------------------------------------------------------------------------
+
+
+class _NotPulled(Exception):
+    """Something a full pull would fetch, label, unpack or record is not there: take the full pull."""
+
+
+def already_pulled(
+    store: Store,
+    reference: Reference,
+    target: Descriptor,
+    *,
+    on_event: EventSink,
+    executor: Executor,
+    platforms: Sequence[Platform | str] = (),
+    all_platforms: bool = False,
+    unpack: bool = True,
+    snapshotter: str | None = None,
+) -> PullResult | None:
+    """The result of pulling ``reference`` (resolved to ``target``) when the store already holds everything a
+    full pull would leave, else None (the caller then pulls).
+
+    "Everything": the image record names ``target`` with no labels (a pull would replace them), every blob the
+    pull walks is present with its GC children labels and this repository in its distribution-source label,
+    no layer is over ``max_layer_size``, and (``unpack``) every layer's snapshot is committed in the (local)
+    snapshotter and the config's ``gc.ref.snapshot`` label names the top one. Only the store is read (records,
+    labels, manifests): nothing is fetched, applied or written, not even the image's ``updated_at``. Events and
+    the result are those of a full pull that found everything: each blob "fetch exists", each layer "apply
+    exists". Anything unexpected (an artifact, a missing manifest, a remote snapshotter) leaves the decision, and its
+    error, to the full pull.
+    """
+    try:
+        result, events = _already_pulled(store, reference, target, executor=executor, platforms=platforms,
+                                         all_platforms=all_platforms, unpack=unpack, snapshotter=snapshotter)
+    except (_NotPulled, CargoholdError):
+        return None
+    # Reported only now: a pull that falls through to the full one reports each blob once.
+    for event in events:
+        on_event(event)
+    on_event(Event(action="pull", status="done", item=str(reference), message=str(target.digest)))
+    return result
+
+
+def _already_pulled(store: Store, reference: Reference, target: Descriptor, *, executor: Executor,
+                    platforms: Sequence[Platform | str], all_platforms: bool, unpack: bool,
+                    snapshotter: str | None) -> tuple[PullResult, list[Event]]:
+    name = str(reference)
+    image = store.images.get(name)  # NotFoundError: a first pull
+    have = image.target  # as the record keeps it: a full pull would store the resolved target's same fields
+    if (have.media_type, have.digest, have.size, dict(have.annotations)) != (
+            target.media_type, target.digest, target.size, dict(target.annotations)) or image.labels:
+        raise _NotPulled()
+    content = store.content
+    (source_key, repo), = source_label(reference).items()
+    limit = store.config.max_layer_size
+    events: list[Event] = []
+    present: list[Descriptor] = []
+    manifests: list[Descriptor] = []
+    record = threading.Lock()
+
+    def labels_of(desc: Descriptor) -> dict[str, str]:
+        return dict(content.info(desc.digest).labels)  # NotFoundError: a blob to fetch
+
+    def check(desc: Descriptor) -> Sequence[Descriptor]:
+        labels = labels_of(desc)
+        if repo not in labels.get(source_key, "").split(","):
+            raise _NotPulled()
+        if limit is not None and desc.size > limit and mt.is_layer(desc.media_type):
+            raise _NotPulled()  # the full pull refuses it, naming the limit
+        with record:
+            present.append(desc)
+            if kinds.is_runnable(desc):
+                manifests.append(desc)
+            events.append(Event(action="fetch", status="exists", item=str(desc.digest),
+                                media_type=desc.media_type, current=desc.size, total=desc.size))
+        return []
+
+    def labelled(handler: Handler) -> Handler:
+        def handle(desc: Descriptor) -> Sequence[Descriptor]:
+            kids = handler(desc)
+            want = manifest_children_labels(desc, kids)
+            if want and not want.items() <= labels_of(desc).items():
+                raise _NotPulled()
+            return kids
+
+        return handle
+
+    matcher = images.matcher(platforms)
+    walk: Handler = labelled(children(content))
+    if not all_platforms:
+        walk = limit_manifests(filter_platforms(walk, matcher), matcher, 1)
+    if unpack:
+        walk = _refuse_artifact(walk, content, target, name)
+    dispatch(compose(check, walk), [target], executor=executor)
+
+    unpack_result: UnpackResult | None = None
+    if unpack:
+        resolved = resolve_manifest(content, manifest_for(content, target, matcher), matcher, name=name)
+        sn = store.snapshotter(snapshotter)
+        chains = resolved.chain_ids
+        if getattr(sn, "remote", False) or not chains:
+            raise _NotPulled()  # a remote snapshotter's answers are its own; no layers is the unpacker's error
+        layers = []
+        for i, (layer, chain) in enumerate(zip(resolved.manifest.layers, chains, strict=True)):
+            if sn.stat(str(chain)).kind != Kind.COMMITTED:  # NotFoundError: a layer to apply
+                raise _NotPulled()
+            layers.append(LayerOutcome(index=i, chain_id=chain, digest=layer.digest, status="exists",
+                                       fetched=False))
+            events.append(Event(action="apply", status="exists", item=str(layer.digest),
+                                media_type=layer.media_type, message=f"snapshot {chain.short} exists"))
+        config_labels = labels_of(resolved.manifest.config)
+        if config_labels.get(f"{LABEL_GC_REF_SNAPSHOT}.{sn.name}") != str(chains[-1]):
+            raise _NotPulled()
+        unpack_result = UnpackResult(chain_id=chains[-1], snapshotter=sn.name, layers=tuple(layers))
+
+    return PullResult(image=image, manifests=tuple(manifests), fetched=(), present=tuple(present),
+                      unpack=unpack_result), events
 
 
 def pull(
@@ -82,12 +203,16 @@ def pull(
     target labels that remote snapshotters use.
     """
     reference = Reference.parse(ref)
-    if unpack:
-        (applier or shared_pool()).prestart()  # worker processes start while the image is resolved
     on_event(Event(action="resolve", status="running", item=str(reference)))
     with stages.timed("resolve"):
         _, target = resolver.resolve(reference)
     on_event(Event(action="resolve", status="done", item=str(reference), message=str(target.digest)))
+    done = already_pulled(store, reference, target, on_event=on_event, executor=executor, platforms=platforms,
+                          all_platforms=all_platforms, unpack=unpack, snapshotter=snapshotter)
+    if done is not None:  # a second pull: everything is here already
+        return done
+    if unpack:
+        (applier or shared_pool()).prestart()  # worker processes start while the manifests are fetched
     # A lease keeps what this pull writes safe from garbage collection until the image record exists.
     with store.leases.hold(labels={LEASE_PULL: str(reference)}) as lease:
         content = store.content.with_lease(lease.id)
