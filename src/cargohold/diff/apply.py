@@ -49,7 +49,7 @@ class ApplyResult:
     compression: Compression
     entries: int
     # Seconds per stage (``cargohold.stages``): wait (for bytes of the blob), inflate, hash, extract.
-    stages: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 class _Hashing:
