@@ -45,8 +45,9 @@ def link_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, hold_
     """Make the new path ``dst`` a copy of ``src`` whose directories are new (with ``cp -a``'s attributes)
     and whose other entries (files, symlinks, devices, FIFOs) are hard links to ``src``'s.
 
-    Only for trees that nobody writes into in place (see the module docstring). A file that may not be
-    linked (``fs.protected_hardlinks``: not ours and not readable and writable by us) is copied instead.
+    Only for trees that nobody writes into in place (see the module docstring). An entry that may not be
+    linked (``fs.protected_hardlinks``: not ours and not readable and writable by us; or at the filesystem's
+    link limit, EMLINK) is copied instead.
     """
 
     def run() -> None:
