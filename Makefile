@@ -41,6 +41,7 @@ demo: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	sh scripts/install-system-deps.sh bench
+	$(BIN)/python -m compileall -q src  # bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE may be set)
 	$(BIN)/python -m cargohold.devtools.bench $(BENCH_ARGS)
 
 proto: $(STAMP)
