@@ -56,7 +56,10 @@ def test_copy_to_local_names_the_image_like_every_verb(tmp_path: Path, registry:
 def _commands(cmd: click.Command, path: list[str]) -> list[list[str]]:
     out = [path]
     if isinstance(cmd, click.Group):
-        for name, sub in cmd.commands.items():
+        ctx = click.Context(cmd)
+        for name in cmd.list_commands(ctx):  # the lazily imported commands too
+            sub = cmd.get_command(ctx, name)
+            assert sub is not None, [*path, name]
             out += _commands(sub, [*path, name])
     return out
 

@@ -9,17 +9,17 @@ to its service in ``cargohold.services``.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cargohold.config import Config, find_config
 from cargohold.content.local import LocalStore
 from cargohold.content.namespaced import NamespacedStore
 from cargohold.events import Cancel, EventSink, cancellable, discard
-from cargohold.images.archive import ExportResult
 from cargohold.images.image import CheckResult, ResolvedManifest
 from cargohold.metadata.db import DEFAULT_NAMESPACE, MetadataDB
 from cargohold.metadata.gc import GCResult
@@ -31,35 +31,47 @@ from cargohold.remotes.credentials import CredentialStore
 from cargohold.remotes.pullauth import PullAuth, pull_resolver
 from cargohold.remotes.push import DEFAULT_CHUNK_THRESHOLD, DEFAULT_CONCURRENCY
 from cargohold.remotes.resolver import Resolver
-from cargohold.services import (
-    archive,
-    copy,
-    gc,
-    imagelist,
-    images,
-    inspect,
-    maintenance,
-    mount,
-    pull,
-    push,
-    referrers,
-    runtime,
-    unpack,
-)
-from cargohold.services.archive import ImportResult
-from cargohold.services.copy import CopyResult
-from cargohold.services.imagelist import ImageRow, PruneResult
-from cargohold.services.inspect import RemoteImage
-from cargohold.services.maintenance import ActiveIngest, DamagedSnapshot, LeaseInfo, Repair, VerifyResult
+
+# What a pull loads anyway. The other services are imported by the methods that use them (tests/test_layering.py
+# allows exactly these lazy loads): a command loads only its own, which keeps a second pull's start-up short.
+from cargohold.services import gc, images, pull, unpack
 from cargohold.services.pull import PullResult
-from cargohold.services.push import PushResult
-from cargohold.services.runtime import RuntimeImage
 from cargohold.snapshots.base import Mount, Snapshotter
 from cargohold.store import Store, default_root, open_root
 from cargohold.unpack.unpacker import UnpackResult
 
+if TYPE_CHECKING:
+    from cargohold.images.archive import ExportResult
+    from cargohold.services.archive import ImportResult
+    from cargohold.services.copy import CopyResult
+    from cargohold.services.imagelist import ImageRow, PruneResult
+    from cargohold.services.inspect import RemoteImage
+    from cargohold.services.maintenance import ActiveIngest, DamagedSnapshot, LeaseInfo, Repair, VerifyResult
+    from cargohold.services.push import PushResult
+    from cargohold.services.runtime import RuntimeImage
+
 __all__ = ["Client", "CopyResult", "ExportResult", "ImageRow", "ImportResult", "PruneResult", "PullAuth",
            "PullResult", "PushResult", "RemoteImage", "RuntimeImage", "UnpackResult", "default_root"]
+
+# The result types of the services loaded on first use, still importable from here: loaded when asked for.
+_LAZY_NAMES = {
+    "CopyResult": "cargohold.services.copy",
+    "ExportResult": "cargohold.images.archive",
+    "ImageRow": "cargohold.services.imagelist",
+    "ImportResult": "cargohold.services.archive",
+    "PruneResult": "cargohold.services.imagelist",
+    "PushResult": "cargohold.services.push",
+    "RemoteImage": "cargohold.services.inspect",
+    "RuntimeImage": "cargohold.services.runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``from cargohold.client import RuntimeImage`` (and the other names of ``_LAZY_NAMES``) as before."""
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 class Client:
@@ -224,21 +236,25 @@ class Client:
 
     def rootfs(self, name: str, target: Path | str, *, platform: Platform | str | None = None) -> Path:
         """See ``services.mount.rootfs``."""
+        from cargohold.services import mount
         return mount.rootfs(self.store, name, target, on_event=self.on_event, platform=platform)
 
     def remove_rootfs(self, target: Path | str) -> None:
         """See ``services.mount.remove_rootfs``."""
+        from cargohold.services import mount
         mount.remove_rootfs(self.store, target)
 
     def mount(self, name: str, target: Path | str, *, snapshotter: str | None = None,
               platform: Platform | str | None = None, writable: bool = False) -> list[Mount]:
         """See ``services.mount.mount``."""
+        from cargohold.services import mount
         return mount.mount(self.store, name, target, on_event=self.on_event, executor=self._unpack,
                            resolver=self._get_resolver, snapshotter=snapshotter, platform=platform,
                            writable=writable)
 
     def unmount(self, target: Path | str) -> None:
         """See ``services.mount.unmount``."""
+        from cargohold.services import mount
         mount.unmount(self.store, target)
 
     # -- images ------------------------------------------------------------------------------------------
@@ -251,14 +267,17 @@ class Client:
 
     def find_images(self, filters: Sequence[str] = ()) -> list[Image]:
         """See ``services.imagelist.list_images``."""
+        from cargohold.services import imagelist
         return imagelist.list_images(self.store, filters)
 
     def image_row(self, image: Image, snapshotter: str | None = None) -> ImageRow:
         """See ``services.imagelist.image_row``."""
+        from cargohold.services import imagelist
         return imagelist.image_row(self.store, image, snapshotter)
 
     def prune_images(self, *, all_images: bool = False, dry_run: bool = False) -> PruneResult:
         """See ``services.imagelist.prune``."""
+        from cargohold.services import imagelist
         return imagelist.prune(self.store, all_images=all_images, dry_run=dry_run)
 
     def tag(self, source: str, target: str) -> Image:
@@ -282,36 +301,44 @@ class Client:
 
     def active_ingests(self) -> list[ActiveIngest]:
         """See ``services.maintenance.active_ingests``."""
+        from cargohold.services import maintenance
         return maintenance.active_ingests(self.store)
 
     def abort_ingest(self, ref: str) -> None:
         """See ``services.maintenance.abort_ingest``."""
+        from cargohold.services import maintenance
         maintenance.abort_ingest(self.store, ref)
 
     def leases(self) -> list[LeaseInfo]:
         """See ``services.maintenance.list_leases``."""
+        from cargohold.services import maintenance
         return maintenance.list_leases(self.store)
 
     def remove_leases(self, ids: Sequence[str]) -> None:
         """See ``services.maintenance.remove_leases``."""
+        from cargohold.services import maintenance
         maintenance.remove_leases(self.store, ids)
 
     def verify(self, digests: Sequence[Digest] = ()) -> VerifyResult:
         """See ``services.maintenance.verify``."""
+        from cargohold.services import maintenance
         return maintenance.verify(self.store, digests, workers=self.max_concurrent_downloads,
                                   on_event=self.on_event)
 
     def repair(self, name: str) -> Repair:
         """See ``services.maintenance.repair``."""
+        from cargohold.services import maintenance
         return maintenance.repair(self.store, name, self._get_resolver, on_event=self.on_event)
 
     def damaged_snapshots(self) -> list[DamagedSnapshot]:
         """See ``services.maintenance.damaged_snapshots``."""
+        from cargohold.services import maintenance
         return maintenance.damaged_snapshots(self.store)
 
     def repair_snapshots(self, names: Sequence[str]) -> tuple[list[DamagedSnapshot], list[tuple[str, str]]]:
         """Remove the damaged snapshots (and those built on them), then unpack again each of ``names`` into
         every local snapshotter it was unpacked in. Returns (damaged, (image, snapshotter) unpacked again)."""
+        from cargohold.services import maintenance
         damaged = self.damaged_snapshots()
         if not damaged:
             return [], []
@@ -330,6 +357,7 @@ class Client:
     def export(self, out: Path | str | BinaryIO, images: Sequence[str], *, platforms: Sequence[Platform | str] = (),
                all_platforms: bool = False, fetch_missing: bool = False) -> ExportResult:
         """See ``services.archive.export``."""
+        from cargohold.services import archive
         return archive.export(self.store, out, images, on_event=self.on_event, resolver=self._get_resolver,
                               platforms=platforms, all_platforms=all_platforms, fetch_missing=fetch_missing)
 
@@ -338,6 +366,7 @@ class Client:
                        index_name: str | None = None, base_name: str | None = None, digests: bool = False
                        ) -> ImportResult:
         """See ``services.archive.import_archive``."""
+        from cargohold.services import archive
         self.reap()
         return archive.import_archive(self.store, source, on_event=self.on_event, executor=self._unpack,
                                       platforms=platforms, all_platforms=all_platforms, unpack=unpack,
@@ -349,6 +378,7 @@ class Client:
              chunk_size: int | None = None, concurrency: int = DEFAULT_CONCURRENCY,
              allow_nondistributable: bool = False) -> PushResult:
         """See ``services.push.push``."""
+        from cargohold.services import push
         options = push.PushOptions(platforms=tuple(platforms), all_platforms=all_platforms,
                                    chunk_threshold=chunk_threshold, chunk_size=chunk_size, concurrency=concurrency,
                                    allow_nondistributable=allow_nondistributable)
@@ -357,35 +387,42 @@ class Client:
     def copy(self, src: str, dst: str, *, platforms: Sequence[Platform | str] = (), all_platforms: bool = False
              ) -> CopyResult:
         """See ``services.copy``."""
+        from cargohold.services import copy
         return copy.copy(self.store, src, dst, resolver=self.resolver, on_event=self.on_event,
                          executor=self._walk, platforms=platforms, all_platforms=all_platforms)
 
     def referrers(self, ref: str, artifact_type: str | None = None) -> list[Descriptor]:
         """See ``services.referrers.referrers``."""
+        from cargohold.services import referrers
         return referrers.referrers(self.resolver, ref, artifact_type, on_event=self.on_event)
 
     # -- looking at a registry without pulling --------------------------------------------------------------
 
     def inspect_remote(self, ref: str, *, platforms: Sequence[Platform | str] = ()) -> RemoteImage:
         """See ``services.inspect.inspect_remote``."""
+        from cargohold.services import inspect
         return inspect.inspect_remote(self.resolver, ref, platforms=platforms, on_event=self.on_event)
 
     def remote_digest(self, ref: str) -> Descriptor:
         """The descriptor (digest, media type, size) of what ``ref`` names on its registry."""
+        from cargohold.services import inspect
         return inspect.resolve_digest(self.resolver, ref, on_event=self.on_event)[1]
 
     def list_tags(self, repo: str, *, page_size: int | None = None) -> list[str]:
         """See ``services.inspect.list_tags``."""
+        from cargohold.services import inspect
         return inspect.list_tags(self.resolver, repo, page_size=page_size, on_event=self.on_event)
 
     # -- runtimes (CRI) ----------------------------------------------------------------------------------
 
     def snapshotter_for(self, runtime_handler: str = "") -> str:
+        from cargohold.services import runtime
         return runtime.snapshotter_for(self.store, runtime_handler)
 
     def pull_for_runtime(self, ref: str, runtime_handler: str = "", *, auth: PullAuth | None = None
                          ) -> PullResult:
         """See ``services.runtime.pull_for_runtime``; ``auth`` is used for this pull only."""
+        from cargohold.services import runtime
         self.snapshotter(self.snapshotter_for(runtime_handler))  # an unknown snapshotter fails before anything
         with pull_resolver(self.resolver, auth, hosts_dir=self.hosts_dir, credentials=self.credentials,
                            plain_http=self.plain_http, on_event=self.on_event) as resolver:
@@ -394,12 +431,15 @@ class Client:
                                             unpack_executor=self._unpack)
 
     def runtime_images(self) -> list[RuntimeImage]:
+        from cargohold.services import runtime
         return runtime.runtime_images(self.store)
 
     def runtime_image(self, ref_or_id: str) -> RuntimeImage:
+        from cargohold.services import runtime
         return runtime.runtime_image(self.store, ref_or_id)
 
     def remove_runtime_image(self, ref_or_id: str) -> tuple[str, ...]:
+        from cargohold.services import runtime
         return runtime.remove_runtime_image(self.store, ref_or_id)
 
     def committed_in(self, resolved: ResolvedManifest, snapshotter: str) -> bool:
@@ -408,11 +448,13 @@ class Client:
 
     def ensure_unpacked(self, image: str, runtime_handler: str = "") -> UnpackResult | None:
         """See ``services.runtime.ensure_unpacked``."""
+        from cargohold.services import runtime
         return runtime.ensure_unpacked(self.store, image, runtime_handler, on_event=self.on_event,
                                        executor=self._unpack)
 
     def prepare_rootfs(self, container_id: str, image: str, runtime_handler: str = "", *,
                        readonly: bool = False) -> list[Mount]:
         """See ``services.runtime.prepare_rootfs``."""
+        from cargohold.services import runtime
         return runtime.prepare_rootfs(self.store, container_id, image, runtime_handler, on_event=self.on_event,
                                       executor=self._unpack, readonly=readonly)

@@ -36,7 +36,7 @@ from typing import Any
 
 from cargohold.errors import InvalidArgumentError
 from cargohold.metadata.db import DEFAULT_LOCK_TIMEOUT
-from cargohold.remotes.http import DEFAULT_FETCH_TIMEOUT, DEFAULT_STALL_TIMEOUT
+from cargohold.remotes.timeouts import DEFAULT_FETCH_TIMEOUT, DEFAULT_STALL_TIMEOUT
 
 CONFIG_NAME = "config.toml"
 DEFAULT_SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"

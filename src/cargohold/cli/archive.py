@@ -93,8 +93,3 @@ def import_cmd(state: State, archive: str, platforms: tuple[str, ...], all_platf
         click.echo(f"unpacked into {u.snapshotter}: {u.chain_id} ({plural(u.unpacked, 'layer')} applied, "
                    f"{len(u.layers) - u.unpacked} reused)")
 
-
-def register(cli: click.Group) -> None:
-    """Add this module's commands to the top-level group (and to its subgroups, e.g. ``cli.commands["snapshots"]``)."""
-    cli.add_command(export_cmd)
-    cli.add_command(import_cmd)

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cargohold.cli.common import State, output_option, pass_state
 from cargohold.cli.output import emit_json, human_size, plural
-from cargohold.services.imagelist import ImageRow
+
+if TYPE_CHECKING:  # only a type here: services.imagelist is loaded by the commands that list images
+    from cargohold.services.imagelist import ImageRow
 
 
 def register(images: click.Group) -> None:

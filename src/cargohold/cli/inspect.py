@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any
 
 import click
 
 from cargohold.cli.common import State, output_option, pass_state
-from cargohold.cli.output import emit_json, human_size
+from cargohold.cli.output import emit_json, human_size, show_runtime
 from cargohold.errors import FailedPreconditionError
-from cargohold.oci.config import ImageConfig
 from cargohold.services.inspect import RemoteImage, config_json, entry_json, image_size
-
-
-def register(cli: click.Group) -> None:
-    """Add ``inspect``, ``tags`` and ``digest`` to the top-level group."""
-    for command in (inspect, tags, digest):
-        cli.add_command(command)
-
 
 _user_option = click.option("--user", "-u", metavar="USER[:PASSWORD]",
                             help="Registry credentials (else ~/.docker/config.json).")
@@ -96,28 +86,7 @@ def _show(image: RemoteImage, platforms: tuple[str, ...]) -> None:
     for i, layer in enumerate(manifest.layers):
         click.echo(f"  {i}: {layer.digest} {human_size(layer.size):>10}  {layer.media_type}")
     if image.config is not None:
-        show_runtime(image.config)
-
-
-def show_runtime(config: ImageConfig) -> None:
-    """The config's platform, created time and runtime settings, one per line (for humans)."""
-    doc = config_json(config)
-    click.echo(f"platform:  {doc.pop('platform')}")
-    click.echo(f"created:   {doc.pop('created') or '-'}")
-    for key, value in doc.items():
-        click.echo(f"{_label(key):<10} {_render(value)}")
-
-
-def _label(key: str) -> str:
-    return {"WorkingDir": "workdir", "ExposedPorts": "ports"}.get(key, key.lower()) + ":"
-
-
-def _render(value: Any) -> str:
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" if v not in ({}, None) else str(k) for k, v in sorted(value.items()))
-    return str(value)
+        show_runtime(config_json(image.config))
 
 
 @click.command()

@@ -63,8 +63,3 @@ def _password(from_stdin: bool, server: str) -> str:
         raise InvalidArgumentError(
             f"login {server}: stdin is not a terminal to ask for the password: use --password-stdin")
     return str(click.prompt(f"Password for {server}", hide_input=True, err=True))
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(login)
-    cli.add_command(logout)

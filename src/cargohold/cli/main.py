@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from cargohold import __version__, stages
-from cargohold.cli import archive, images_extra, inspect, login, maintenance, push, referrers, runtime
+from cargohold.cli import images_extra
 from cargohold.cli.common import State, output_option, pass_state, platform_option, unpack_json, with_platforms
 from cargohold.cli.errors import (
     EXIT_USAGE,
@@ -25,7 +25,7 @@ from cargohold.cli.errors import (
     install_signal_handlers,
     usage_message,
 )
-from cargohold.cli.inspect import show_runtime
+from cargohold.cli.lazy import LazyCommand, LazyGroup
 from cargohold.cli.output import (
     emit_json,
     eprint,
@@ -34,6 +34,7 @@ from cargohold.cli.output import (
     plural,
     profile_json,
     profile_lines,
+    show_runtime,
     table,
 )
 from cargohold.cli.progress import QUIET_KEY, ProgressRenderer
@@ -65,7 +66,56 @@ class SizeType(click.ParamType[int, object]):
             self.fail(str(exc), param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _lazy(module: str, attribute: str, summary: str) -> LazyCommand:
+    return LazyCommand(module=f"cargohold.cli.{module}", attribute=attribute, summary=summary)
+
+
+# The commands that live in their own modules (archives, push, inspect, maintenance, CRI), imported only when
+# used: a command loads only what it runs (start-up is most of a second pull). Each summary is the first
+# paragraph of the command's help (tests/test_cli_lazy.py holds them to it).
+LAZY_COMMANDS = {
+    "copy": _lazy("push", "copy", "Copy an image from SRC to DST, as `skopeo copy` does."),
+    "digest": _lazy("inspect", "digest", "Print the digest REF resolves to on its registry (of the index for a "
+                    "multi-platform image), as `crane digest` does. Nothing is fetched but the answer to one HEAD "
+                    "(or GET) request."),
+    "export": _lazy("archive", "export_cmd", "Write IMAGEs into one tar (OCI layout + docker manifest.json) at "
+                    "OUT.tar, or stdout for '-'."),
+    "import": _lazy("archive", "import_cmd", "Import images from ARCHIVE (a tar or tar.gz; '-' for stdin): OCI "
+                    "layouts and docker save archives."),
+    "inspect": _lazy("inspect", "inspect", "Show an image on its registry without pulling it, as `skopeo inspect` "
+                     "does: an index with its platforms, the manifest with its layers, and the config's runtime "
+                     "settings (entrypoint, cmd, env, working directory, user, labels, created). Nothing is "
+                     "written to the store."),
+    "leases": _lazy("maintenance", "leases", "List and remove leases (what running, or crashed, operations hold)."),
+    "login": _lazy("login", "login", "Check credentials against REGISTRY (host[:port]) and store them for later "
+                   "pulls and pushes."),
+    "logout": _lazy("login", "logout", "Remove the stored credentials of REGISTRY (from its credential helper or "
+                    "config.json)."),
+    "push": _lazy("push", "push", "Push the image LOCAL (default: the image named REF) from the store to the "
+                  "registry reference REF."),
+    "referrers": _lazy("referrers", "referrers", "List the artifacts (signatures, SBOMs, attestations) that refer "
+                       "to IMAGE on its registry, as `oras discover` does. IMAGE is a registry reference; a tag is "
+                       "resolved to its manifest digest first."),
+    "serve": _lazy("runtime", "serve", "Run cargohold as a service."),
+    "tags": _lazy("inspect", "tags", "List the tags of the repository REPO (`host[:port]/path`) on its registry, "
+                  "following its pagination."),
+}
+LAZY_CONTENT_COMMANDS = {
+    "abort": _lazy("maintenance", "content_abort", "Remove the partial downloads REF… (an error naming the pid "
+                   "while a live writer holds one)."),
+    "active": _lazy("maintenance", "content_active", "List downloads in progress or left behind by a process that "
+                    "died (abort them with `content abort`, or let `gc` remove the dead ones)."),
+    "verify": _lazy("maintenance", "content_verify", "Rehash blobs (DIGEST…, or every one) and check their sizes; "
+                    "a bad blob is moved to ROOT/content/quarantine (never deleted) so images needing it show it "
+                    "missing. Exit 1 when any was bad."),
+}
+LAZY_SNAPSHOTS_COMMANDS = {
+    "prepare": _lazy("runtime", "snapshots_prepare", "Prepare the rootfs snapshot KEY of a container from IMAGE "
+                     "for a runtime handler; print its mounts."),
+}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cargohold")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar="CARGOHOLD_ROOT",
               default=None, help="Data root (blobs + metadata). Default: $CARGOHOLD_ROOT, /var/lib/cargohold "
@@ -339,7 +389,7 @@ def images_inspect(state: State, name: str, platform: str | None, output: str) -
         click.echo(f"layer {i}:   {layer['digest']} {human_size(layer['size'])} {layer['media_type']}")
         click.echo(f"  diff_id:  {layer['diff_id']}")
         click.echo(f"  chain_id: {layer['chain_id']}")
-    show_runtime(resolved.config)
+    show_runtime(info["config"])
 
 
 @images.command("tag")
@@ -437,7 +487,7 @@ def images_check(state: State, names: tuple[str, ...], platforms: tuple[str, ...
 # -- snapshots -----------------------------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=LazyGroup, lazy=LAZY_SNAPSHOTS_COMMANDS)
 @click.option("--snapshotter", default=None, help="Snapshotter (overlayfs, native). Default: the root's default.")
 @click.pass_context
 def snapshots(ctx: click.Context, snapshotter: str | None) -> None:
@@ -539,7 +589,7 @@ def snapshots_mounts(ctx: click.Context, state: State, key: str, output: str) ->
 # -- content -------------------------------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=LazyGroup, lazy=LAZY_CONTENT_COMMANDS)
 def content() -> None:
     """List, read and remove blobs in the content store."""
 
@@ -625,10 +675,6 @@ def gc(state: State, dry_run: bool, output: str) -> None:
 
 
 images_extra.register(images)
-
-# Commands that live in their own modules (archives, push, CRI).
-for _module in (archive, inspect, login, maintenance, push, referrers, runtime):
-    _module.register(cli)
 
 
 def main() -> None:

@@ -19,16 +19,6 @@ from cargohold.metadata.db import utcnow
 from cargohold.services.maintenance import parse_digests
 
 
-def register(cli: click.Group) -> None:
-    """Add ``leases`` to the top-level group and ``active``, ``abort``, ``verify`` to ``content``."""
-    cli.add_command(leases)
-    content = cli.commands["content"]
-    if not isinstance(content, click.Group):
-        raise TypeError("cargohold: the content command is not a group")
-    for command in (content_active, content_abort, content_verify):
-        content.add_command(command)
-
-
 def _age(when: datetime) -> str:
     seconds = max(0, int((utcnow() - when).total_seconds()))
     if seconds < 120:

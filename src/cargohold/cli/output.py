@@ -78,3 +78,25 @@ def profile_json(profile: Profile) -> dict[str, Any]:
     return {"wall_seconds": round(profile.wall(), 6),
             "stages": {stage: {"seconds": round(t.seconds, 6), "count": t.count, "bytes": t.bytes}
                        for stage, t in profile.totals().items()}}
+
+
+def show_runtime(doc: Mapping[str, Any]) -> None:
+    """A config's platform, created time and runtime settings (``services.inspect.config_json``), one per line
+    (for humans)."""
+    rest = dict(doc)
+    click.echo(f"platform:  {rest.pop('platform')}")
+    click.echo(f"created:   {rest.pop('created') or '-'}")
+    for key, value in rest.items():
+        click.echo(f"{_label(key):<10} {_render(value)}")
+
+
+def _label(key: str) -> str:
+    return {"WorkingDir": "workdir", "ExposedPorts": "ports"}.get(key, key.lower()) + ":"
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" if v not in ({}, None) else str(k) for k, v in sorted(value.items()))
+    return str(value)

@@ -47,12 +47,6 @@ def push_summary(result: PushResult) -> str:
             f"{len(result.existing)} already there{skipped})")
 
 
-def register(cli: click.Group) -> None:
-    """Add ``push`` and ``copy`` to the top-level group."""
-    for command in (push, copy):
-        cli.add_command(command)
-
-
 @click.command()
 @click.argument("ref")
 @click.argument("local", required=False)

@@ -12,11 +12,6 @@ from cargohold.oci.descriptor import Descriptor
 CREATED = "org.opencontainers.image.created"
 
 
-def register(cli: click.Group) -> None:
-    """Add ``referrers`` to the top-level group."""
-    cli.add_command(referrers)
-
-
 def referrer_row(desc: Descriptor) -> list[str]:
     """DIGEST, ARTIFACT TYPE, SIZE, CREATED and the other annotations (``key=value``, sorted)."""
     others = ", ".join(f"{k}={v}" for k, v in sorted(desc.annotations.items()) if k != CREATED)

@@ -17,15 +17,6 @@ from cargohold.errors import InvalidArgumentError
 from cargohold.snapshots.base import Mount
 
 
-def register(cli: click.Group) -> None:
-    """Add this module's commands to the top-level group (and to its subgroups, e.g. ``cli.commands["snapshots"]``)."""
-    cli.add_command(serve)
-    snapshots = cli.commands["snapshots"]
-    if not isinstance(snapshots, click.Group):
-        raise TypeError("cargohold: the snapshots command is not a group")
-    snapshots.add_command(snapshots_prepare)
-
-
 @click.group()
 def serve() -> None:
     """Run cargohold as a service."""

@@ -36,6 +36,8 @@ from cargohold import __version__
 from cargohold.errors import UnavailableError
 from cargohold.events import Event, EventSink, discard
 from cargohold.remotes.hosts import RegistryHost
+from cargohold.remotes.timeouts import DEFAULT_FETCH_TIMEOUT as DEFAULT_FETCH_TIMEOUT  # re-exported
+from cargohold.remotes.timeouts import DEFAULT_STALL_TIMEOUT as DEFAULT_STALL_TIMEOUT  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,6 @@ MAX_REDIRECTS = 10
 
 Response = urllib3.BaseHTTPResponse
 
-#: Seconds without a byte from a registry before a transfer reports itself as stalled and reconnects at the
-#: offset it reached (the read timeout; config ``stall_timeout``).
-DEFAULT_STALL_TIMEOUT = 15.0
-#: Seconds a blob download may go without any progress, across reconnects, before it gives up (config
-#: ``fetch_timeout``).
-DEFAULT_FETCH_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
