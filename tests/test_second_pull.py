@@ -12,6 +12,7 @@ from typing import Any
 
 from cargohold.devtools import samples
 from cargohold.devtools.registry import RegistryProcess
+from cargohold.snapshots import overlay
 from support.cli import cli
 
 
@@ -124,3 +125,37 @@ def test_help_and_second_pull_load_no_grpc_rich_or_devtools(registry: RegistryPr
     pulled = loaded_modules(tmp_path, "--root", str(root), "pull", ref)
     assert "cargohold.services.pull" in pulled
     assert heavy(pulled, *NEVER) == []
+
+
+def default_snapshotter_in_new_process(root: Path) -> str:
+    code = ("import sys\n"
+            "from cargohold.snapshots.overlay import default_snapshotter_name\n"
+            "print(default_snapshotter_name(sys.argv[1]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_overlay_support_is_probed_once_per_root_and_again_when_the_kernel_changes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    if default_snapshotter_in_new_process(root) != "overlayfs":  # not root, or no overlay here: nothing noted
+        assert not (root / overlay.PROBE_NOTE).exists()
+        return
+    note = root / overlay.PROBE_NOTE
+    stat = os.stat(root)
+    status = Path("/proc/self/status").read_text()
+    caps = next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:"))
+    expected = f"kernel={os.uname().release} euid={os.geteuid()} capeff={caps} dev={stat.st_dev}\n"
+    assert note.read_text() == expected
+    first = note.stat()
+
+    # The next process takes the note as it is: not probed, not rewritten.
+    assert default_snapshotter_in_new_process(root) == "overlayfs"
+    assert (note.stat().st_ino, note.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+
+    # Another kernel (or a damaged note): probed again, and the note names this one.
+    for stale in ("kernel=0.0.0 euid=0 capeff=0 dev=1\n", "\xff garbage"):
+        note.write_text(stale)
+        assert default_snapshotter_in_new_process(root) == "overlayfs"
+        assert note.read_text() == expected
+    assert sorted(p.name for p in root.iterdir()) == [overlay.PROBE_NOTE]  # no probe directory or temp file left

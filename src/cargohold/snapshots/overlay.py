@@ -57,8 +57,46 @@ def _probe(root: Path) -> bool:
         shutil.rmtree(probe, ignore_errors=True)
 
 
+# A root where the probe succeeded keeps a note of it, so that later processes skip the probe's mount and
+# unmount (an unmount waits for the kernel's RCU grace period: milliseconds, tens of them on a busy machine, in
+# every command that names no snapshotter). The note holds what the answer depends on; when that changed (a new
+# kernel, another user or capabilities, the root on another filesystem), the probe runs again. A failed probe is
+# never noted: it is cheap (the mount fails at once), and support may come later (modprobe overlay).
+PROBE_NOTE = ".overlay-supported"
+
+
+def _probe_conditions(path: Path) -> str:
+    """The kernel release, effective uid and capabilities, and the root's device: what the probe depends on."""
+    caps = ""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            caps = next((line.split()[1] for line in status if line.startswith("CapEff:")), "")
+    except OSError:  # no /proc: the note still names the kernel, the user and the filesystem
+        pass
+    return f"kernel={os.uname().release} euid={os.geteuid()} capeff={caps} dev={path.stat().st_dev}\n"
+
+
+def _noted(note: Path, conditions: str) -> bool:
+    try:
+        return note.read_text(encoding="utf-8") == conditions
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _note(note: Path, conditions: str) -> None:
+    """Write the note atomically (a reader sees the old one or the new one); a root it cannot be written
+    to just probes again next time."""
+    tmp = note.with_name(f"{note.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(conditions, encoding="utf-8")
+        os.replace(tmp, note)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def overlay_supported(root: Path | str) -> bool:
-    """Whether an overlay with its upper dir under ``root`` mounts here (probed once per root, then cached).
+    """Whether an overlay with its upper dir under ``root`` mounts here (probed once per root, then cached:
+    in this process, and in the root's ``PROBE_NOTE`` once the probe succeeded).
 
     False when not root, without the overlay module, or when ``root`` is on a filesystem overlay cannot use
     as upper layer (e.g. overlayfs itself).
@@ -69,7 +107,13 @@ def overlay_supported(root: Path | str) -> bool:
     with _support_lock:
         if key not in _support:
             try:
-                _support[key] = _probe(path)
+                note, conditions = path / PROBE_NOTE, _probe_conditions(path)
+                if _noted(note, conditions):
+                    _support[key] = True
+                else:
+                    _support[key] = _probe(path)
+                    if _support[key]:
+                        _note(note, conditions)
             except OSError as exc:
                 if not is_no_space(exc):
                     raise
