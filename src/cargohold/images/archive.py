@@ -28,6 +28,7 @@ from cargohold.oci.kinds import Kind
 from cargohold.oci.manifest import Index
 from cargohold.oci.platform import Platform, PlatformMatcher, host_platform
 from cargohold.oci.reference import Reference
+from cargohold.oci.reference import normalize_name as normalize_name  # re-exported: archives name images so
 
 ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
@@ -64,14 +65,6 @@ def repo_tag(name: str) -> str | None:
     if not ref.tag:
         return None
     return ref.with_tag(ref.tag).familiar()
-
-
-def normalize_name(name: str) -> str:
-    """Image names are stored normalised when they parse as references, verbatim otherwise."""
-    try:
-        return str(Reference.parse(name))
-    except InvalidArgumentError:
-        return name
 
 
 def image_names(desc: Descriptor, *, base_name: str | None, digests: bool, today: date) -> tuple[str, ...]:

@@ -110,3 +110,11 @@ class Reference:
             if text.startswith("library/"):
                 text = text[len("library/"):]
         return text
+
+
+def normalize_name(name: str) -> str:
+    """Image names are stored normalised when they parse as references, verbatim otherwise."""
+    try:
+        return str(Reference.parse(name))
+    except InvalidArgumentError:
+        return name

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cargohold.images.archive import normalize_name
 from cargohold.images.image import CheckResult, ResolvedManifest, walk_required
 from cargohold.images.image import resolve_manifest as resolve_target
 from cargohold.metadata.db import utcnow
 from cargohold.metadata.images import Image
 from cargohold.oci.platform import Platform, PlatformMatcher, default_matcher
+from cargohold.oci.reference import normalize_name
 from cargohold.services.lazy import with_remote
 from cargohold.store import Store
 
 
 def image_name(name: str) -> str:
     """The stored form of an image name: a reference normalised, anything else as it is (the one rule every
-    verb uses, ``images.archive.normalize_name``)."""
+    verb uses, ``oci.reference.normalize_name``)."""
     return normalize_name(name)
 
 
