@@ -145,8 +145,10 @@ def merge(layers: Sequence[Listing]) -> Listing:
 
 def read_tree(root: Path, *, skip: Iterable[str] = ()) -> Listing:
     """The real tree under ``root`` as nodes (0/0 character devices are whiteouts); ``skip``: top-level names
-    to leave out."""
+    to leave out. A file's ``nlink`` is the number of its names *in this tree* (a native snapshot shares inodes
+    with the snapshots below it: what matters is which names of the image are one file)."""
     out: Listing = {}
+    inodes: dict[str, tuple[int, int]] = {}
     skipped = set(skip)
     stack = [""]
     while stack:
@@ -168,8 +170,8 @@ def read_tree(root: Path, *, skip: Iterable[str] = ()) -> Listing:
                 elif stat.S_ISREG(st.st_mode):
                     with open(e.path, "rb") as f:
                         size, digest = _hash_stream(f)
-                    out[path] = Node("file", mode, st.st_uid, st.st_gid, size, digest, None, xattrs,
-                                     st.st_nlink)
+                    out[path] = Node("file", mode, st.st_uid, st.st_gid, size, digest, None, xattrs, 1)
+                    inodes[path] = (st.st_dev, st.st_ino)
                 elif stat.S_ISLNK(st.st_mode):
                     out[path] = Node("symlink", None, st.st_uid, st.st_gid, None, None, os.readlink(e.path))
                 elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
@@ -178,6 +180,12 @@ def read_tree(root: Path, *, skip: Iterable[str] = ()) -> Listing:
                     out[path] = Node("fifo", mode, st.st_uid, st.st_gid, None, None, None, xattrs)
                 else:
                     out[path] = Node("other", mode, st.st_uid, st.st_gid, None, None, None, xattrs)
+    count: dict[tuple[int, int], int] = {}
+    for key in inodes.values():
+        count[key] = count.get(key, 0) + 1
+    for path, key in inodes.items():
+        if count[key] > 1:
+            out[path] = out[path]._replace(nlink=count[key])
     return out
 
 
