@@ -40,6 +40,7 @@ from cargohold.cli.output import (
 from cargohold.cli.progress import QUIET_KEY, ProgressRenderer
 from cargohold.client import Client, default_root
 from cargohold.config import find_config, parse_size
+from cargohold.diff import worker
 from cargohold.errors import CargoholdError
 from cargohold.events import Cancel
 from cargohold.images.entries import index_entries
@@ -717,6 +718,9 @@ def _skip_teardown(status: list[int]) -> None:
     are flushed here."""
     if not status:  # interrupted, or main() did not finish: the interpreter ends as usual
         return
+    # The layer apply workers (started only when layers were applied) end and are reaped here, so that their
+    # CPU time counts as this command's, as it would for threads.
+    worker.close_pools()
     try:
         sys.stdout.flush()
         sys.stderr.flush()

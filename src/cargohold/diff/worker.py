@@ -434,7 +434,9 @@ _POOLS: weakref.WeakSet[ApplyPool] = weakref.WeakSet()
 
 
 @atexit.register
-def _close_pools() -> None:
+def close_pools() -> None:
+    """Stop every pool's workers and wait for them (at exit; also called by the CLI, which ends the process
+    itself before the interpreter's own exit handlers would)."""
     for pool in list(_POOLS):
         pool.close()
 
