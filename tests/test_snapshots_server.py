@@ -235,7 +235,11 @@ def test_pull_unpacks_through_the_plugin_and_mounts_the_same_tree_as_rootfs(
     assert sorted(map(sorted, got_links)) == sorted(map(sorted, inode_groups(expected_dir)))
     assert {"srv/a", "srv/b", "srv/c"} in got_links
     cli(base / "other", "rm-rootfs", str(expected_dir))
-    run(*ns, "snapshots", "--snapshotter", PLUGIN, "rm", "wh-view")
+    # ctr made the view under a lease it dropped when it exited: containerd's own GC may have removed the view
+    # through the plugin meanwhile (its scheduler decides when), which is as good as removing it here.
+    gone = subprocess.run([*ns, "snapshots", "--snapshotter", PLUGIN, "rm", "wh-view"], capture_output=True,
+                          text=True, timeout=60)
+    assert gone.returncode == 0 or "does not exist" in gone.stderr, gone.stderr
 
 
 @needs_containerd

@@ -6,14 +6,17 @@ from __future__ import annotations
 import textwrap
 
 KILLED_PULL = textwrap.dedent("""
-    import sys, time
+    import sys, threading, time
     from cargohold.diff.worker import ApplyPool
     from cargohold.client import Client
 
     real = ApplyPool.apply
+    first = threading.Lock()
 
     def slow(*args, **kwargs):
-        print("applying", flush=True)  # the parent kills us now, mid-unpack
+        # Layers apply on several threads at once: only the first says so (one line), all of them wait.
+        if first.acquire(blocking=False):
+            print("applying", flush=True)  # the parent kills us now, mid-unpack
         time.sleep(60)
         return real(*args, **kwargs)
 

@@ -96,6 +96,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_WRITEBACK_EVERY = 8 << 20  # bytes written between two early-writeback requests
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)``: start writing a range back without waiting
+    (Linux; not in the os module). None where it cannot be loaded."""
+    try:
+        import ctypes  # only here: the one C call the os module lacks
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    func.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, n: int) -> None:
+        func(fd, offset, n, _SYNC_FILE_RANGE_WRITE)  # advisory: an error only means no head start
+
+    return start
+
+
+_start_writeback = _load_sync_file_range()
+
+
 def _hash_file(fd: int, size: int, algorithm: str) -> Any:
     hasher = hashlib.new(algorithm)
     pos = 0
@@ -162,6 +188,7 @@ class LocalWriter:
         self._total = _read_int(d / "total")
         self._expected = _read_digest(d / "expected")
         self._offset = os.fstat(self._fd).st_size
+        self._written_back = self._offset
         self._algorithm = self._expected.algorithm if self._expected is not None else "sha256"
         self._hasher = _hash_file(self._fd, self._offset, self._algorithm)
         self._updated_at = utcnow()
@@ -211,6 +238,12 @@ class LocalWriter:
                 raise no_space(exc, f"writing ingest {self._ref}", self._dir / "data") from exc
             raise
         self._hasher.update(data)
+        # Start writing back what is written, every few MiB, without waiting: the fsync at commit then has
+        # little left to do, so a blob's commit right after its last byte is short (the page cache keeps the
+        # bytes for a reader following the file).
+        if _start_writeback is not None and pos - self._written_back >= _WRITEBACK_EVERY:
+            _start_writeback(fd, self._written_back, pos - self._written_back)
+            self._written_back = pos
         self._offset = pos
         self._updated_at = utcnow()
         self._verified = None
@@ -235,6 +268,7 @@ class LocalWriter:
             )
         os.ftruncate(fd, size)
         self._offset = size
+        self._written_back = min(self._written_back, size)
         self._hasher = _hash_file(fd, size, self._algorithm)
         self._updated_at = utcnow()
         self._verified = None
