@@ -23,6 +23,7 @@ from cargohold.cri.errors import grpc_code
 from cargohold.cri.gcloop import GCScheduler
 from cargohold.cri.proto import api_pb2 as pb
 from cargohold.cri.proto import api_pb2_grpc as pb_grpc
+from cargohold.diff.worker import shared_pool
 from cargohold.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -150,6 +151,9 @@ class CRIServer:
             pb_grpc.add_ImageServiceServicer_to_server(ImageService(self.client, self.gc), server)  # type: ignore[no-untyped-call]
             pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(), server)  # type: ignore[no-untyped-call]
 
+        # The layer apply workers start with the server (not with the first pull that applies a layer), so the
+        # server's processes and file descriptors are from the start what they stay.
+        shared_pool().prestart()
         self.gc.start()
         try:
             self._unix.start(register)
