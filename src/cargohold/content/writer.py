@@ -8,6 +8,7 @@ ingest starts, so a directory without it is not (yet) an ingest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -100,9 +101,11 @@ _WRITEBACK_EVERY = 8 << 20  # bytes written between two early-writeback requests
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+@functools.cache
 def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
     """``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)``: start writing a range back without waiting
-    (Linux; not in the os module). None where it cannot be loaded."""
+    (Linux; not in the os module). None where it cannot be loaded. Loaded on the first blob write of 8 MiB,
+    not at import: commands that write no blob do not pay for ctypes."""
     try:
         import ctypes  # only here: the one C call the os module lacks
 
@@ -118,8 +121,6 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 
     return start
 
-
-_start_writeback = _load_sync_file_range()
 
 
 def _hash_file(fd: int, size: int, algorithm: str) -> Any:
@@ -241,8 +242,10 @@ class LocalWriter:
         # Start writing back what is written, every few MiB, without waiting: the fsync at commit then has
         # little left to do, so a blob's commit right after its last byte is short (the page cache keeps the
         # bytes for a reader following the file).
-        if _start_writeback is not None and pos - self._written_back >= _WRITEBACK_EVERY:
-            _start_writeback(fd, self._written_back, pos - self._written_back)
+        if pos - self._written_back >= _WRITEBACK_EVERY:
+            start_writeback = _load_sync_file_range()
+            if start_writeback is not None:
+                start_writeback(fd, self._written_back, pos - self._written_back)
             self._written_back = pos
         self._offset = pos
         self._updated_at = utcnow()
