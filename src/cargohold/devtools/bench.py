@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from cargohold.devtools import bench_transfer, benchchart, benchimages, benchtree
 from cargohold.devtools.benchnet import RateLimitedProxy
@@ -382,6 +383,13 @@ def _fmt(v: object, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _cells(r: dict[str, Any]) -> tuple[str, str, str]:
+    """A result row's ratio, median and pass cells, as both the table and results.md print them."""
+    ratio = f"{r['ratio']:.2f}x {r['rival']}" if r.get("ratio") is not None else "-"
+    ok = {True: "pass", False: "FAIL", None: "-"}[r.get("pass")]
+    return ratio, _fmt(r.get("median_s"), ".2f"), ok
+
+
 def results_md(report: dict[str, object]) -> str:
     lines = ["# make bench results", "",
              "Medians of alternating runs, each on a fresh filesystem; every run checked (see the README). "
@@ -389,11 +397,9 @@ def results_md(report: dict[str, object]) -> str:
              "| scenario | tool | median s | runs | ratio vs rival | target | pass |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:  # type: ignore[attr-defined]
-        ratio = f"{r['ratio']:.2f}x {r['rival']}" if r.get("ratio") is not None else "-"
-        median = _fmt(r.get("median_s"), ".2f")
+        ratio, median, ok = _cells(r)
         if r.get("peak_rss_mb") is not None:
             median = f"peak RSS {r['peak_rss_mb']:.0f} MB (largest process {r['largest_process_mb']:.0f} MB)"
-        ok = {True: "pass", False: "FAIL", None: "-"}[r.get("pass")]
         lines.append(f"| {r['scenario']} | {r['tool']} | {median} | {r['runs']} | {ratio} | "
                      f"{r.get('target') or '-'} | {ok} |")
     lines += ["", "## Images", ""]
@@ -539,11 +545,9 @@ def print_table(report: dict[str, object], out: Path) -> None:
     print()
     print(f"{'scenario':<26} {'tool':<10} {'median s':>9} {'runs':>4}  {'ratio':<18} {'target':<10} pass")
     for r in report["rows"]:  # type: ignore[attr-defined]
-        ratio = f"{r['ratio']:.2f}x {r['rival']}" if r.get("ratio") is not None else "-"
-        median = _fmt(r.get("median_s"), ".2f")
+        ratio, median, ok = _cells(r)
         if r.get("peak_rss_mb") is not None:
             median = f"{r['peak_rss_mb']:.0f} MB"
-        ok = {True: "pass", False: "FAIL", None: "-"}[r.get("pass")]
         print(f"{r['scenario']:<26} {r['tool']:<10} {median:>9} {r['runs']:>4}  {ratio:<18} "
               f"{r.get('target') or '-':<10} {ok}")
     print(f"\nresults: {out}/results.md, results.json, chart.png")
